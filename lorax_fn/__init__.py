@@ -1,0 +1,28 @@
+"""lorax_fn: LoRA as a pure function transform for JAX and Flax."""
+
+from lorax_fn._infer import infer_layouts
+from lorax_fn._interpret import MaterializeWarning, lora
+from lorax_fn._leaves import Layout, LoraLeaf, is_lora
+from lorax_fn._optim import LoraOptState, optimizer
+from lorax_fn._partition import combine, split, trainable_mask
+from lorax_fn._summary import summary
+from lorax_fn._wrap import default_layout, merge, unwrap, wrap
+
+__all__ = [
+    "Layout",
+    "LoraLeaf",
+    "MaterializeWarning",
+    "LoraOptState",
+    "combine",
+    "default_layout",
+    "infer_layouts",
+    "is_lora",
+    "lora",
+    "merge",
+    "optimizer",
+    "split",
+    "summary",
+    "trainable_mask",
+    "unwrap",
+    "wrap",
+]

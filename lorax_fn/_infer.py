@@ -1,0 +1,163 @@
+"""``infer_layouts``: read each kernel's axis roles off how ``fn`` uses it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.extend.core as jex
+import numpy as np
+
+from lorax_fn import _paths
+from lorax_fn._leaves import Layout, is_lora
+from lorax_fn._rules import _reshape_groups
+
+# Each tracked value maps its axes to the parameter axes they stand for.
+AxisMap = tuple[tuple[int, ...], ...]
+_PASS = ("convert_element_type", "copy", "copy_p", "sharding_constraint", "slice",
+         "dynamic_slice", "optimization_barrier")
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
+
+
+class _Recorder:
+  def __init__(self, paths: list[str], ndims: list[int]):
+    self.paths, self.ndims = paths, ndims
+    self.roles: dict[int, dict[int, str]] = {}
+
+  def record(self, pid: int, axis_map: AxisMap, roles: list[str]) -> None:
+    new: dict[int, str] = {}
+    for axes, role in zip(axis_map, roles):
+      for ax in axes:
+        new[ax] = role
+    old = self.roles.setdefault(pid, {})
+    clash = {ax for ax in new if ax in old and old[ax] != new[ax]}
+    swapped = {"in": "out", "out": "in", "stack": "stack"}
+    if clash and all(old.get(ax) == swapped[r] for ax, r in new.items() if ax in old):
+      return  # used transposed (a tied embedding's ``attend``): the same factorisation
+    if clash:
+      raise ValueError(
+          f"the kernel at {self.paths[pid]!r} is used with conflicting axis roles "
+          f"{_fmt(old, self.ndims[pid])} and {_fmt(new, self.ndims[pid])}; pass its layout "
+          "explicitly with layouts=."
+      )
+    old.update(new)
+
+
+def _fmt(roles: dict[int, str], ndim: int) -> tuple[str, ...]:
+  return tuple(roles.get(i, "?") for i in range(ndim))
+
+
+def _walk(jaxpr: Any, tracked: dict[Any, tuple[int, AxisMap]], rec: _Recorder) -> None:
+  def get(v: Any) -> tuple[int, AxisMap] | None:
+    return None if isinstance(v, jex.Literal) else tracked.get(v)
+
+  for eqn in jaxpr.eqns:
+    ins = [get(v) for v in eqn.invars]
+    if not any(ins):
+      continue
+    name, p = eqn.primitive.name, eqn.params
+    first = ins[0]
+    if name in _PASS and first:
+      tracked[eqn.outvars[0]] = first
+    elif name == "transpose" and first:
+      tracked[eqn.outvars[0]] = (first[0], tuple(first[1][i] for i in p["permutation"]))
+    elif name in ("reshape", "squeeze", "broadcast_in_dim") and first:
+      old_shape, new_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+      new_map: list[tuple[int, ...]] = [()] * len(new_shape)
+      for gi, gj in _reshape_groups(old_shape, new_shape):
+        axes = tuple(ax for i in gi for ax in first[1][i])
+        for j in gj:
+          new_map[j] = axes
+      tracked[eqn.outvars[0]] = (first[0], tuple(new_map))
+    elif name == "dot_general":
+      (lc, rc), (lb, rb) = p["dimension_numbers"]
+      for t, c, b in ((ins[0], lc, lb), (ins[1], rc, rb)):
+        if t:
+          n = len(t[1])
+          rec.record(t[0], t[1], ["in" if i in c else "stack" if i in b else "out"
+                                  for i in range(n)])
+    elif name == "conv_general_dilated" and ins[1]:
+      out_feat = p["dimension_numbers"].rhs_spec[0]
+      rec.record(ins[1][0], ins[1][1], ["out" if i == out_feat else "in"
+                                        for i in range(len(ins[1][1]))])
+    elif name == "gather" and first:
+      collapsed = p["dimension_numbers"].collapsed_slice_dims
+      rec.record(first[0], first[1], ["in" if i in collapsed else "out"
+                                      for i in range(len(first[1]))])
+    elif name in _CALLS:
+      _walk_sub(p[_CALLS[name]].jaxpr, ins, rec)
+    elif name in ("remat2", "checkpoint"):
+      _walk_sub(p["jaxpr"], ins, rec)
+    elif name == "cond":
+      for br in p["branches"]:
+        _walk_sub(br.jaxpr, ins[1:], rec)
+    elif name == "while":
+      n = p["cond_nconsts"]
+      _walk_sub(p["body_jaxpr"].jaxpr, ins[n:n + p["body_nconsts"]], rec)
+    elif name == "scan":
+      nc, ncar = p["num_consts"], p["num_carry"]
+      body_ins = list(ins[:nc]) + [None] * ncar
+      for t in ins[nc + ncar:]:
+        if t:
+          rec.record(t[0], t[1][:1], ["stack"])
+          t = (t[0], t[1][1:])
+        body_ins.append(t)
+      _walk_sub(p["jaxpr"].jaxpr, body_ins, rec)
+
+
+def _walk_sub(jaxpr: Any, ins: list[Any], rec: _Recorder) -> None:
+  _walk(jaxpr, {v: t for v, t in zip(jaxpr.invars, ins) if t}, rec)
+
+
+def infer_layouts(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) -> dict[str, Layout]:
+  """Infers each kernel's layout by tracing ``fn(params, *args, **kwargs)`` once.
+
+  How a kernel meets ``dot_general`` (contracted axes are ``in``, batch axes ``stack``,
+  the rest ``out``), ``conv_general_dilated`` (the output-feature axis is ``out``),
+  ``gather`` (looked-up axes are ``in``) or ``scan`` (a scanned-over axis is ``stack``)
+  gives its roles, through casts, transposes, reshapes and nested ``jit``/``remat``/
+  ``cond``/``while``. Only abstract shapes are traced; nothing is computed.
+
+  Args:
+    fn: the apply function, called as ``fn(params, *args, **kwargs)``.
+    params: the (unwrapped) parameters; arrays or ``jax.ShapeDtypeStruct``.
+    *args: example inputs (arrays or ``jax.ShapeDtypeStruct``).
+    **kwargs: example keyword inputs.
+
+  Returns:
+    ``{path: layout}`` for every parameter with at least two axes whose roles were all
+    determined; pass it to :func:`wrap` as ``layouts=``.
+
+  Raises:
+    ValueError: if a kernel is used with conflicting roles.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> params = {"w": jnp.ones((3, 5, 7))}  # a stack of 3 (5, 7) layers
+    >>> def fn(params, x):
+    ...   return jax.lax.scan(lambda h, w: (h @ w @ w.T, None), x, params["w"])[0]
+    >>> lora_fn.infer_layouts(fn, params, jnp.ones((2, 5)))
+    {'w': ('stack', 'in', 'out')}
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+  paths = [_paths.path_str(p) for p, _ in flat]
+  arrays = [x.w if is_lora(x) else x for _, x in flat]
+  specs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in arrays]
+
+  def flat_fn(*leaves: Any) -> Any:
+    return fn(jax.tree_util.tree_unflatten(treedef, leaves), *args, **kwargs)
+
+  closed = jax.make_jaxpr(flat_fn)(*specs)
+  rec = _Recorder(paths, [len(s.shape) for s in specs])
+  tracked = {v: (i, tuple((ax,) for ax in range(len(specs[i].shape))))
+             for i, v in enumerate(closed.jaxpr.invars[:len(specs)])
+             if len(specs[i].shape) >= 2}
+  _walk(closed.jaxpr, tracked, rec)
+  out = {}
+  for pid, roles in rec.roles.items():
+    layout = _fmt(roles, rec.ndims[pid])
+    if "?" not in layout and "in" in layout and "out" in layout:
+      out[paths[pid]] = layout
+  return out

@@ -1,0 +1,335 @@
+"""``lora(fn)``: evaluates ``fn`` with LoRA leaves kept factored.
+
+``fn`` is traced once to a jaxpr with each LoRA leaf replaced by an abstract array of its
+base weight's shape; the jaxpr is then evaluated with the real leaves bound to those
+inputs as :class:`~lorax_fn._rules.LoraVal` values. Primitives that meet a LoRA value use
+a rule from :mod:`lorax_fn._rules`; higher-order primitives are rebuilt with
+``lax.scan``/``lax.switch``/``lax.while_loop``/``jax.checkpoint`` around an interpreted
+body; anything else materialises ``W + s·BA`` and warns once. Only public JAX API is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jex
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lorax_fn import _paths
+from lorax_fn._leaves import LoraLeaf, is_lora
+from lorax_fn._rules import COMPUTE_RULES, VIEW_RULES, LoraVal
+
+
+class MaterializeWarning(UserWarning):
+  """A LoRA kernel met an operation with no factored rule and was materialised."""
+
+
+class _Ctx:
+  """Per-call state: the dropout key and a counter that gives each LoRA site its own key."""
+
+  def __init__(self, key: jax.Array | None):
+    self.key = key
+    self.count = 0
+
+  def next_key(self) -> jax.Array:
+    assert self.key is not None
+    self.count += 1
+    return jax.random.fold_in(self.key, self.count)
+
+  def dropout(self, x: jax.Array, rate: float) -> jax.Array:
+    if self.key is None or rate == 0.0:
+      return x
+    keep = jax.random.bernoulli(self.next_key(), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _concrete(x: Any) -> Any:
+  return x.materialize() if isinstance(x, LoraVal) else x
+
+
+def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+  params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns: Sequence[Any] = ()
+  if isinstance(params, tuple):  # older JAX returned (subfuns, params)
+    subfuns, params = params
+  out = eqn.primitive.bind(*subfuns, *invals, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def eval_jaxpr(ctx: _Ctx, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+  """Evaluates ``jaxpr``; values may be arrays or :class:`LoraVal`."""
+  env: dict[Any, Any] = {}
+
+  def read(v: Any) -> Any:
+    return v.val if isinstance(v, jex.Literal) else env[v]
+
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if any(isinstance(x, LoraVal) for x in invals):
+      outs = _eval_lora_eqn(ctx, eqn, invals)
+    else:
+      outs = _bind(eqn, invals)
+    for var, val in zip(eqn.outvars, outs):
+      if not isinstance(var, jex.DropVar):
+        env[var] = val
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_lora_eqn(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
+  name = eqn.primitive.name
+  try:
+    if name in VIEW_RULES and isinstance(invals[0], LoraVal):
+      if not any(isinstance(x, LoraVal) for x in invals[1:]):
+        return [VIEW_RULES[name](eqn, *invals)]
+    elif name in COMPUTE_RULES:
+      lora_inputs = [i for i, x in enumerate(invals) if isinstance(x, LoraVal)]
+      if len(lora_inputs) > 1:  # e.g. W1 @ W2: keep one factored, form the other
+        invals[lora_inputs[0]] = _materialize(invals[lora_inputs[0]], name)
+      return [COMPUTE_RULES[name](eqn, *invals, ctx.dropout)]
+    elif name in _HIGHER_ORDER:
+      return _HIGHER_ORDER[name](ctx, eqn, invals)
+  except NotImplementedError:
+    pass
+  return _bind(eqn, [_materialize(x, name) for x in invals])
+
+
+def _materialize(x: Any, primitive: str) -> Any:
+  if not isinstance(x, LoraVal):
+    return x
+  warnings.warn(
+      f"lorax_fn.lora: no factored rule for '{primitive}' on a LoRA kernel of shape "
+      f"{x.shape}; materialising W + s*BA (correct, but slower and uses more memory).",
+      MaterializeWarning, stacklevel=2)
+  return x.materialize()
+
+
+# ----------------------------------------------------------------------------------------
+# Higher-order primitives.
+# ----------------------------------------------------------------------------------------
+
+def _inline(param: str) -> Callable[[_Ctx, Any, list[Any]], list[Any]]:
+  def rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
+    closed = eqn.params[param]
+    return eval_jaxpr(ctx, closed.jaxpr, closed.consts, invals)
+  return rule
+
+
+def _checkpoint_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
+  jaxpr = eqn.params["jaxpr"]
+
+  def body(*args: Any) -> list[Any]:
+    return [_concrete(o) for o in eval_jaxpr(ctx, jaxpr, (), args)]
+
+  remat = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
+                         policy=eqn.params["policy"])
+  return list(remat(*invals))
+
+
+def _scan_slices(v: LoraVal) -> tuple[tuple[Any, ...], Callable[[tuple[Any, ...]], LoraVal]]:
+  """Splits a LoRA value scanned over its axis 0 into scanned parts and a rebuild fn."""
+  def lead(f, axes):
+    if 0 not in axes:
+      return None, f, tuple(None if i is None else i - 1 for i in axes)
+    j = axes.index(0)
+    rest = axes[:j] + axes[j + 1:]
+    return jnp.moveaxis(f, j, 0), None, tuple(None if i is None else i - 1 for i in rest)
+
+  a_xs, a_const, a_axes = lead(v.a, v.a_axes)
+  b_xs, b_const, b_axes = lead(v.b, v.b_axes)
+
+  def rebuild(parts: tuple[Any, ...]) -> LoraVal:
+    w, a, b = parts
+    return LoraVal(w, a_const if a is None else a, b_const if b is None else b, a_axes, b_axes,
+                   v.scale, v.dropout)
+
+  return (v.w, a_xs, b_xs), rebuild
+
+
+def _scan_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
+  p = eqn.params
+  nc, ncar, closed = p["num_consts"], p["num_carry"], p["jaxpr"]
+  consts = invals[:nc]
+  init = [_materialize(x, "scan carry") for x in invals[nc:nc + ncar]]
+  xs, rebuilds = [], []
+  for x in invals[nc + ncar:]:
+    if isinstance(x, LoraVal):
+      parts, rebuild = _scan_slices(x)
+      xs.append(parts)
+      rebuilds.append(rebuild)
+    else:
+      xs.append(x)
+      rebuilds.append(None)
+  keys = None if ctx.key is None else jax.random.split(ctx.next_key(), p["length"])
+
+  def body(carry: list[Any], x: tuple[list[Any], Any]) -> tuple[list[Any], list[Any]]:
+    x_vals, k = x
+    x_vals = [x if r is None else r(x) for x, r in zip(x_vals, rebuilds)]
+    outs = eval_jaxpr(_Ctx(k), closed.jaxpr, closed.consts, [*consts, *carry, *x_vals])
+    outs = [_concrete(o) for o in outs]
+    return outs[:ncar], outs[ncar:]
+
+  carry, ys = lax.scan(body, init, (xs, keys), length=p["length"], reverse=p["reverse"],
+                       unroll=p["unroll"])
+  return [*carry, *ys]
+
+
+def _cond_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
+  index, ops = invals[0], invals[1:]
+
+  def branch(closed: Any) -> Callable[..., list[Any]]:
+    return lambda *args: [_concrete(o) for o in eval_jaxpr(ctx, closed.jaxpr, closed.consts, args)]
+
+  return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops))
+
+
+def _while_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
+  p = eqn.params
+  cn, bn = p["cond_nconsts"], p["body_nconsts"]
+  cconsts, bconsts = invals[:cn], invals[cn:cn + bn]
+  init = [_materialize(x, "while carry") for x in invals[cn + bn:]]
+  cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+  key = None if ctx.key is None else ctx.next_key()
+
+  def cond_fun(c: tuple[list[Any], Any]) -> Any:
+    return eval_jaxpr(ctx, cj.jaxpr, cj.consts, [*cconsts, *c[0]])[0]
+
+  def body_fun(c: tuple[list[Any], Any]) -> tuple[list[Any], Any]:
+    carry, i = c
+    sub = _Ctx(None if key is None else jax.random.fold_in(key, i))
+    outs = eval_jaxpr(sub, bj.jaxpr, bj.consts, [*bconsts, *carry])
+    return [_concrete(o) for o in outs], i + 1
+
+  out, _ = lax.while_loop(cond_fun, body_fun, (init, jnp.zeros((), jnp.int32)))
+  return list(out)
+
+
+_HIGHER_ORDER: dict[str, Callable[[_Ctx, Any, list[Any]], list[Any]]] = {
+    "jit": _inline("jaxpr"),
+    "pjit": _inline("jaxpr"),
+    "closed_call": _inline("call_jaxpr"),
+    "core_call": _inline("call_jaxpr"),
+    "custom_jvp_call": _inline("call_jaxpr"),
+    "custom_vjp_call": _inline("call_jaxpr"),
+    "remat2": _checkpoint_rule,
+    "checkpoint": _checkpoint_rule,
+    "scan": _scan_rule,
+    "cond": _cond_rule,
+    "while": _while_rule,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# The transform.
+# ----------------------------------------------------------------------------------------
+
+def _is_dynamic(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, LoraLeaf))
+
+
+def _stand_in(x: Any) -> jax.ShapeDtypeStruct:
+  if is_lora(x):
+    x = x.w
+  aval = jax.typeof(x) if isinstance(x, jax.Array) else None
+  weak = bool(getattr(aval, "weak_type", False))
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=weak)
+
+
+def _check_leaves(args: Any) -> None:
+  flat, _ = jax.tree_util.tree_flatten_with_path(args, is_leaf=is_lora)
+  for path, x in flat:
+    if is_lora(x):
+      x.check(f"arg {path[1].idx if path[0].idx == 0 else path[1].key!r}/"
+              + _paths.path_str(path[2:]))
+
+
+def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..., Any]:
+  """Transforms ``fn`` to run LoRA leaves in its arguments as ``W·x + s·B(A·x)``.
+
+  Like ``jax.grad``, ``lora`` returns a function with ``fn``'s signature. Wherever a
+  :class:`LoraLeaf` reaches ``fn``, matmuls (``dot_general`` with any contracting and batch
+  dimensions), convolutions and embedding lookups use the factored form, through casts,
+  transposes, reshapes and slices and inside ``jit``, ``scan``, ``remat``, ``cond`` and
+  ``while``; ``W + s·BA`` is never formed and no gradient reaches the base ``W``. Any other
+  use of a LoRA leaf materialises ``W + s·BA`` (correct, slower) with a
+  :class:`MaterializeWarning` naming the operation. Composes with ``jit``, ``grad``,
+  ``vmap``; works with Flax linen (``lora(model.apply)``), NNX (through
+  ``nnx.split``/``nnx.merge``) and plain functions.
+
+  Args:
+    fn: the function to transform. Python scalars, strings and other non-array leaves of
+      its arguments are static (closed over, as with ``jit``'s static arguments).
+    key: PRNG key for LoRA dropout. Dropout (the ``dropout`` rate given to ``wrap``) is
+      applied only when a key is given, so leave it out at evaluation.
+
+  Returns:
+    The transformed function.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> params = lora_fn.wrap({"w": jnp.ones((5, 7))}, rank=2, targets=("w",),
+    ...                       key=jax.random.key(0))
+    >>> f = lambda p, x: x @ p["w"]
+    >>> y = lora_fn.lora(f)(params, jnp.ones((3, 5)))
+    >>> bool(jnp.allclose(y, f(lora_fn.merge(params), jnp.ones((3, 5)))))
+    True
+  """
+  cache: dict[Any, Any] = {}
+
+  @functools.wraps(fn)
+  def wrapped(*args: Any, **kwargs: Any) -> Any:
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_lora)
+    if not any(is_lora(x) for x in leaves):
+      return fn(*args, **kwargs)
+    _check_leaves((args, kwargs))
+    dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
+    stand_ins = [_stand_in(leaves[i]) for i in dyn]
+    closed, out_tree = _trace(fn, cache, leaves, treedef, dyn, stand_ins)
+    vals = [LoraVal.from_leaf(x, x.w, x.a, x.b) if is_lora(x) else x
+            for x in (leaves[i] for i in dyn)]
+    outs = eval_jaxpr(_Ctx(key), closed.jaxpr, closed.consts, vals)
+    return jax.tree_util.tree_unflatten(out_tree, [_concrete(o) for o in outs])
+
+  return wrapped
+
+
+def _trace(fn, cache, leaves, treedef, dyn, stand_ins):
+  statics = tuple(x for i, x in enumerate(leaves) if i not in set(dyn))
+  try:
+    cache_key = (treedef, statics, tuple(stand_ins))
+    hash(cache_key)
+  except TypeError:
+    cache_key = None
+  if cache_key is not None and cache_key in cache:
+    return cache[cache_key]
+  out_tree = []
+
+  def flat_fn(*dyn_vals: Any) -> list[Any]:
+    full = list(leaves)
+    for i, v in zip(dyn, dyn_vals):
+      full[i] = v
+    a, kw = jax.tree_util.tree_unflatten(treedef, full)
+    flat_out, tree = jax.tree_util.tree_flatten(fn(*a, **kw))
+    out_tree.append(tree)
+    return flat_out
+
+  try:
+    closed = jax.make_jaxpr(flat_fn)(*stand_ins)
+  except Exception as e:
+    shapes = {str(i): s.shape for i, s in zip(dyn, stand_ins) if is_lora(leaves[i])}
+    e.add_note(f"lorax_fn.lora traced fn with LoRA leaves standing in for base weights of "
+               f"shapes {sorted(shapes.values())}; check that they match the model.")
+    raise
+  result = (closed, out_tree[0])
+  if cache_key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+    if len(cache) > 32:
+      cache.clear()
+    cache[cache_key] = result
+  return result

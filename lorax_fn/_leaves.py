@@ -1,0 +1,135 @@
+"""The LoRA leaf: a frozen base weight plus trainable low-rank factors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Layout = tuple[str, ...]
+"""Role of each axis of a kernel: ``"in"`` (contracted with the input), ``"out"`` or ``"stack"``."""
+
+ROLES = ("in", "out", "stack")
+
+
+def factor_axes(roles: Sequence[str]) -> tuple[tuple[int | None, ...], tuple[int | None, ...]]:
+  """Which kernel axis each axis of ``a`` and ``b`` stands for (``None``: the rank axis).
+
+  ``a`` is laid out ``stack + in + (rank,)`` and ``b`` is ``stack + (rank,) + out``, each
+  group in the kernel's axis order, so that ``W + s * einsum(a, b)`` needs no transpose
+  for the common layouts (Dense ``(in, out)``, Conv ``(kh, kw, in, out)``).
+  """
+  stack = tuple(i for i, r in enumerate(roles) if r == "stack")
+  ins = tuple(i for i, r in enumerate(roles) if r == "in")
+  outs = tuple(i for i, r in enumerate(roles) if r == "out")
+  return stack + ins + (None,), stack + (None,) + outs
+
+
+def factor_shapes(
+    shape: Sequence[int], roles: Sequence[str], rank: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Shapes of ``a`` and ``b`` for a kernel of ``shape`` with axis ``roles``."""
+  a_axes, b_axes = factor_axes(roles)
+  a_shape = tuple(rank if i is None else shape[i] for i in a_axes)
+  b_shape = tuple(rank if i is None else shape[i] for i in b_axes)
+  return a_shape, b_shape
+
+
+def lowrank_product(
+    a: jax.Array,
+    a_axes: Sequence[int | None],
+    b: jax.Array,
+    b_axes: Sequence[int | None],
+    ndim: int,
+) -> jax.Array:
+  """``einsum`` of the factors over the rank axis, in kernel axis order."""
+  rank_label = ndim
+  a_lab = [rank_label if i is None else i for i in a_axes]
+  b_lab = [rank_label if i is None else i for i in b_axes]
+  return jnp.einsum(a, a_lab, b, b_lab, list(range(ndim)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraLeaf:
+  """A kernel ``W`` with a low-rank update: it stands for ``W + scale * B·A``.
+
+  ``w`` is the frozen base, ``a`` and ``b`` the trainable factors; the axis roles, rank,
+  alpha and options are static pytree metadata, never leaves, so ``jit`` does not trace
+  them and optimisers never see them.
+
+  Attributes:
+    w: frozen base weight (any float dtype).
+    a: factor of shape ``stack + in + (rank,)``.
+    b: factor of shape ``stack + (rank,) + out``.
+    roles: role of each axis of ``w``: ``"in"``, ``"out"`` or ``"stack"``.
+    rank: the rank ``r``.
+    alpha: the LoRA alpha.
+    rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+    dropout: dropout rate on the input of the low-rank path (train time only).
+  """
+
+  w: jax.Array
+  a: jax.Array
+  b: jax.Array
+  roles: Layout = dataclasses.field(metadata=dict(static=True))
+  rank: int = dataclasses.field(metadata=dict(static=True))
+  alpha: float = dataclasses.field(metadata=dict(static=True))
+  rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+  @property
+  def scale(self) -> float:
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
+    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.w.shape)
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return self.w.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.roles)
+
+  def delta(self) -> jax.Array:
+    """The dense update ``scale * B·A`` in ``w``'s axis order (float32 or wider)."""
+    a_axes, b_axes = factor_axes(self.roles)
+    dtype = jnp.promote_types(jnp.promote_types(self.a.dtype, self.b.dtype), jnp.float32)
+    prod = lowrank_product(
+        self.a.astype(dtype), a_axes, self.b.astype(dtype), b_axes, self.ndim
+    )
+    return self.scale * prod
+
+  def merged(self, dtype: jnp.dtype | None = None) -> jax.Array:
+    """``W + scale * B·A`` as one dense array, in ``dtype`` (default: ``w``'s dtype)."""
+    dtype = self.w.dtype if dtype is None else dtype
+    return (self.w.astype(jnp.promote_types(self.w.dtype, jnp.float32)) + self.delta()).astype(
+        dtype
+    )
+
+  def check(self, path: str) -> None:
+    """Raises ``ValueError`` naming ``path`` if the factor shapes do not fit ``w``."""
+    if len(self.roles) != self.w.ndim:
+      raise ValueError(
+          f"LoRA leaf at {path!r}: roles {self.roles} must name every axis of the base "
+          f"weight of shape {self.shape}; got {len(self.roles)} roles for {self.w.ndim} axes."
+      )
+    a_shape, b_shape = factor_shapes(self.w.shape, self.roles, self.rank)
+    if tuple(self.a.shape) != a_shape or tuple(self.b.shape) != b_shape:
+      raise ValueError(
+          f"LoRA leaf at {path!r}: base weight of shape {self.shape} with layout {self.roles} "
+          f"and rank {self.rank} expects a of shape {a_shape} and b of shape {b_shape}; "
+          f"got a {tuple(self.a.shape)} and b {tuple(self.b.shape)}."
+      )
+
+
+def is_lora(x: object) -> bool:
+  """True for a :class:`LoraLeaf`."""
+  return isinstance(x, LoraLeaf)

@@ -1,0 +1,131 @@
+"""``split`` / ``combine``: the trainable part of a wrapped pytree and the frozen rest."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from lorax_fn import _paths
+from lorax_fn._leaves import LoraLeaf, is_lora
+
+_BIAS_MODES = ("none", "all", "lora_only")
+
+
+def trainable_mask(
+    params: Any, *, trainable: _paths.Targets | None = None, bias: str = "none"
+) -> Any:
+  """A pytree of bools, one per array leaf: ``True`` where the leaf is trained.
+
+  LoRA factors ``a`` and ``b`` are always trainable and the base ``w`` never is. Other
+  leaves are frozen unless ``trainable`` selects them (like PEFT's ``modules_to_save``:
+  names select every leaf under a matching path component, e.g. ``("head",)``) or
+  ``bias`` says so: ``"all"`` trains every leaf named ``bias``, ``"lora_only"`` the biases
+  beside a LoRA kernel.
+
+  Raises:
+    ValueError: if ``bias`` is unknown or ``trainable`` matches nothing.
+  """
+  if bias not in _BIAS_MODES:
+    raise ValueError(f"bias must be one of {_BIAS_MODES}; got: {bias!r}")
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+  paths = [_paths.path_str(p) for p, _ in flat]
+  lora_modules = {p.rsplit("/", 1)[0] for p, (_, x) in zip(paths, flat) if is_lora(x)}
+  match = _extra_matcher(trainable)
+  marks = []
+  for path, (_, x) in zip(paths, flat):
+    if is_lora(x):
+      marks.append(dataclasses.replace(x, w=False, a=True, b=True))
+      continue
+    name, module = path.rsplit("/", 1)[-1], path.rsplit("/", 1)[0] if "/" in path else ""
+    on = match is not None and match(path, x)
+    on |= name == "bias" and (bias == "all" or (bias == "lora_only" and module in lora_modules))
+    marks.append(on)
+  if match is not None and not any(m is True for m in marks):
+    raise ValueError(
+        f"trainable {trainable!r} matched no parameter; nearest available paths: "
+        f"{_near(trainable, paths)}"
+    )
+  return jax.tree_util.tree_unflatten(treedef, marks)
+
+
+def _extra_matcher(trainable: Any) -> Any:
+  if trainable is None:
+    return None
+  if isinstance(trainable, (list, tuple)) and all(isinstance(t, str) for t in trainable):
+    names = frozenset(trainable)
+    return lambda path, leaf: any(p in names for p in path.split("/"))
+  return _paths.make_matcher(trainable)
+
+
+def _near(trainable: Any, paths: list[str]) -> list[str]:
+  names = trainable if isinstance(trainable, (list, tuple)) else [str(trainable)]
+  out: list[str] = []
+  for t in names:
+    out += [p for p in _paths.nearest_paths(str(t), paths) if p not in out]
+  return out[:8]
+
+
+def _is_mask_leaf(x: Any) -> bool:
+  return isinstance(x, bool) or is_lora(x)
+
+
+def split(
+    params: Any, *, trainable: _paths.Targets | None = None, bias: str = "none"
+) -> tuple[Any, Any]:
+  """Splits ``params`` into ``(trainable, frozen)`` trees with ``None`` at the gaps.
+
+  Take gradients with respect to the first only: frozen kernels then get no gradient at
+  all (not even zeros), and integer leaves never meet ``jax.grad``. ``combine`` undoes it.
+
+  Args:
+    params: a pytree that may hold :class:`LoraLeaf` nodes.
+    trainable: extra leaves to train, as in :func:`trainable_mask`.
+    bias: ``"none"``, ``"all"`` or ``"lora_only"``, as in :func:`trainable_mask`.
+
+  Returns:
+    ``(trainable, frozen)``, each with ``params``' structure and ``None`` where the leaf
+    belongs to the other.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> p = lora_fn.wrap({"k": jnp.ones((5, 7)), "bias": jnp.zeros(7)}, rank=2,
+    ...                  targets=("k",), key=jax.random.key(0))
+    >>> train, frozen = lora_fn.split(p)
+    >>> train["k"].w is None, train["bias"] is None, frozen["k"].a is None
+    (True, True, True)
+    >>> lora_fn.combine(train, frozen)["k"].a.shape
+    (5, 2)
+  """
+  mask = trainable_mask(params, trainable=trainable, bias=bias)
+  return partition(params, mask)
+
+
+def partition(params: Any, mask: Any) -> tuple[Any, Any]:
+  """Splits ``params`` by a :func:`trainable_mask` into ``(trainable, frozen)``."""
+  def pick(keep: bool) -> Any:
+    def one(m: Any, x: Any) -> Any:
+      if is_lora(m):
+        return dataclasses.replace(
+            x, **{f: getattr(x, f) if getattr(m, f) == keep else None for f in ("w", "a", "b")})
+      return x if m == keep else None
+    return jax.tree.map(one, mask, params, is_leaf=_is_mask_leaf)
+  return pick(True), pick(False)
+
+
+def combine(*trees: Any) -> Any:
+  """Merges trees from :func:`split`, taking the first non-``None`` value at each leaf.
+
+  Example:
+    >>> import lorax_fn as lora_fn
+    >>> lora_fn.combine({"a": 1, "b": None}, {"a": None, "b": 2})
+    {'a': 1, 'b': 2}
+  """
+  def first(*xs: Any) -> Any:
+    if any(isinstance(x, LoraLeaf) for x in xs):
+      leaves = [x for x in xs if isinstance(x, LoraLeaf)]
+      return dataclasses.replace(
+          leaves[0], **{f: first(*(getattr(x, f) for x in leaves)) for f in ("w", "a", "b")})
+    return next((x for x in xs if x is not None), None)
+  return jax.tree.map(first, *trees, is_leaf=lambda x: x is None or is_lora(x))

@@ -1,0 +1,118 @@
+"""Parameter paths as ``"a/b/c"`` strings and target matching."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
+
+# A target is a sequence of names, one regular expression, or a predicate.
+Targets = Union[Sequence[str], str, re.Pattern, Callable[[str, Any], bool]]
+
+# Leaf names that hold a weight matrix in Flax (linen and NNX) and in common plain-JAX trees.
+KERNEL_NAMES = ("kernel", "embedding", "w", "weight")
+
+# Attribute names under which Flax NNX ``Variable`` nodes keep their array.
+_VARIABLE_ATTRS = ("value", "raw_value")
+
+
+def _key_name(entry: Any) -> str:
+  if isinstance(entry, jax.tree_util.DictKey):
+    return str(entry.key)
+  if isinstance(entry, jax.tree_util.GetAttrKey):
+    return entry.name
+  if isinstance(entry, jax.tree_util.SequenceKey):
+    return str(entry.idx)
+  if isinstance(entry, jax.tree_util.FlattenedIndexKey):
+    return str(entry.key)
+  return str(entry)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """Returns a key path as ``"a/b/c"``, dropping NNX ``Variable`` wrappers."""
+  names = [_key_name(e) for e in path]
+  while (
+      len(names) > 1
+      and isinstance(path[len(names) - 1], jax.tree_util.GetAttrKey)
+      and names[-1] in _VARIABLE_ATTRS
+  ):
+    names.pop()
+  return "/".join(names)
+
+
+def matches_pattern(pattern: str, path: str) -> bool:
+  """True if ``pattern`` (a name or regex) matches ``path`` or a suffix of it.
+
+  Like PEFT's ``rank_pattern`` keys: ``"query"`` matches ``"enc/0/query/kernel"``
+  through its module path ``"enc/0/query"``; a full regex may match the whole path.
+  """
+  module = path.rsplit("/", 1)[0] if "/" in path else path
+  for candidate in (path, module):
+    if re.fullmatch(rf"(?:.*/)?(?:{pattern})", candidate):
+      return True
+  return False
+
+
+def lookup_pattern(patterns: Mapping[str, Any] | None, path: str) -> Any:
+  """Value of the first key of ``patterns`` (exact path first) matching ``path``."""
+  if not patterns:
+    return None
+  if path in patterns:
+    return patterns[path]
+  for key, value in patterns.items():
+    if matches_pattern(key, path):
+      return value
+  return None
+
+
+def make_matcher(
+    targets: Targets, kernel_names: Sequence[str] = KERNEL_NAMES
+) -> Callable[[str, Any], bool]:
+  """Builds a ``(path, leaf) -> bool`` predicate from a target specification.
+
+  Names match whole path components: a name selects a leaf if it equals the leaf's own
+  name, or a component of its module path while the leaf's name is a kernel name
+  (``kernel``, ``embedding``, ...). Biases and norm scales are never selected by name.
+  """
+  if callable(targets) and not isinstance(targets, re.Pattern):
+    return targets
+  if isinstance(targets, (str, re.Pattern)):
+    regex = re.compile(targets) if isinstance(targets, str) else targets
+
+    def match_regex(path: str, leaf: Any) -> bool:
+      del leaf
+      return regex.fullmatch(path) is not None or regex.search(path) is not None
+
+    return match_regex
+  if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
+    raise TypeError(
+        "targets must be a sequence of names, a regex string or pattern, or a callable "
+        f"(path, leaf) -> bool; got: {targets!r}"
+    )
+  if not targets:
+    raise ValueError("targets must not be empty; got: ()")
+  names = frozenset(targets)
+
+  def match_names(path: str, leaf: Any) -> bool:
+    del leaf
+    parts = path.split("/")
+    if parts[-1] in names:
+      return True
+    return parts[-1] in kernel_names and any(p in names for p in parts[:-1])
+
+  return match_names
+
+
+def nearest_paths(target: str, paths: Sequence[str], n: int = 5) -> list[str]:
+  """The available paths closest to ``target``, for error messages."""
+  by_component: dict[str, str] = {}
+  for p in paths:
+    for comp in p.split("/"):
+      by_component.setdefault(comp, p)
+  near = difflib.get_close_matches(target, list(by_component), n=n, cutoff=0.5)
+  out = [by_component[c] for c in near]
+  out += [p for p in difflib.get_close_matches(target, list(paths), n=n, cutoff=0.3) if p not in out]
+  return out[:n] if out else list(paths[:n])

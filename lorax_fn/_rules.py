@@ -1,0 +1,362 @@
+"""How ``lora(fn)`` evaluates primitives that receive a LoRA value without forming ``W + s·BA``.
+
+A :class:`LoraVal` is the interpreter's view of a LoRA kernel after any casts, transposes,
+reshapes or slices: the (stop-gradient) base ``w`` and the factors ``a`` and ``b``, each
+factor axis labelled with the view axis it stands for (``None`` for the rank axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lorax_fn._leaves import LoraLeaf, factor_axes, lowrank_product
+
+Labels = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraVal:
+  """A LoRA kernel inside the interpreter: ``w + scale * einsum(a, b)`` over its labels."""
+
+  w: jax.Array
+  a: jax.Array
+  b: jax.Array
+  a_axes: tuple[int | None, ...]
+  b_axes: tuple[int | None, ...]
+  scale: float
+  dropout: float
+
+  @classmethod
+  def from_leaf(cls, leaf: LoraLeaf, w: jax.Array, a: jax.Array, b: jax.Array) -> LoraVal:
+    a_axes, b_axes = factor_axes(leaf.roles)
+    return cls(lax.stop_gradient(w), a, b, a_axes, b_axes, leaf.scale, leaf.dropout)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.w.shape)
+
+  @property
+  def ndim(self) -> int:
+    return self.w.ndim
+
+  def materialize(self) -> jax.Array:
+    dtype = jnp.promote_types(self.a.dtype, self.w.dtype)
+    delta = lowrank_product(self.a.astype(dtype), self.a_axes, self.b.astype(dtype),
+                            self.b_axes, self.ndim)
+    return (self.w.astype(dtype) + self.scale * delta).astype(self.w.dtype)
+
+  def labels(self) -> tuple[Labels, Labels]:
+    """Factor labels with the rank axis as the label ``"r"``."""
+    return (tuple("r" if i is None else i for i in self.a_axes),
+            tuple("r" if i is None else i for i in self.b_axes))
+
+
+jax.tree_util.register_dataclass(
+    LoraVal, data_fields=["w", "a", "b"],
+    meta_fields=["a_axes", "b_axes", "scale", "dropout"])
+
+
+# ----------------------------------------------------------------------------------------
+# Contraction helper: two operands, labelled axes, 2-D matmuls where there are no batch axes.
+# ----------------------------------------------------------------------------------------
+
+def contract(x: jax.Array, xl: Labels, y: jax.Array, yl: Labels, keep: Sequence[Any],
+             precision: Any = None) -> tuple[jax.Array, Labels]:
+  """``einsum`` of two labelled operands, summing shared labels that are not in ``keep``.
+
+  Without batch labels both operands are flattened to 2-D first: on XLA:CPU a skinny
+  matmul on 3-D activations is several times slower than the same on 2-D (DESIGN.md §3).
+  """
+  x, xl = _sum_unshared(x, xl, yl, keep)
+  y, yl = _sum_unshared(y, yl, xl, keep)
+  shared = [l for l in xl if l in yl]
+  batch = [l for l in shared if l in keep]
+  summed = [l for l in shared if l not in keep]
+  xf = [l for l in xl if l not in yl]
+  yf = [l for l in yl if l not in xl]
+  if batch:
+    dims = (([xl.index(l) for l in summed], [yl.index(l) for l in summed]),
+            ([xl.index(l) for l in batch], [yl.index(l) for l in batch]))
+    return lax.dot_general(x, y, dims, precision=precision), tuple(batch + xf + yf)
+  xs = [x.shape[xl.index(l)] for l in xf]
+  ys = [y.shape[yl.index(l)] for l in yf]
+  k = math.prod(x.shape[xl.index(l)] for l in summed)
+  x2 = _transpose(x, xl, xf + summed).reshape(math.prod(xs), k)
+  y2 = _transpose(y, yl, summed + yf).reshape(k, math.prod(ys))
+  z = lax.dot(x2, y2, precision=precision)
+  return z.reshape(xs + ys), tuple(xf + yf)
+
+
+def _sum_unshared(x, xl, other, keep):
+  drop = [i for i, l in enumerate(xl) if l not in other and l not in keep]
+  if not drop:
+    return x, tuple(xl)
+  return x.sum(axis=tuple(drop)), tuple(l for i, l in enumerate(xl) if i not in drop)
+
+
+def _transpose(x: jax.Array, xl: Sequence[Any], order: Sequence[Any]) -> jax.Array:
+  perm = [list(xl).index(l) for l in order]
+  return x if perm == list(range(x.ndim)) else jnp.transpose(x, perm)
+
+
+def arrange(x: jax.Array, xl: Sequence[Any], order: Sequence[Any]) -> jax.Array:
+  """Transposes labelled ``x`` into ``order``."""
+  return _transpose(x, xl, order)
+
+
+# ----------------------------------------------------------------------------------------
+# View rules: the result is again a LoraVal.
+# ----------------------------------------------------------------------------------------
+
+def _bind(eqn: Any, *args: Any) -> Any:
+  return eqn.primitive.bind(*args, **eqn.params)
+
+
+def view_convert(eqn: Any, v: LoraVal) -> LoraVal:
+  dtype = eqn.params["new_dtype"]
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise NotImplementedError
+  return dataclasses.replace(v, w=_bind(eqn, v.w), a=v.a.astype(dtype), b=v.b.astype(dtype))
+
+
+def view_transpose(eqn: Any, v: LoraVal) -> LoraVal:
+  perm = eqn.params["permutation"]
+  new_of_old = {old: new for new, old in enumerate(perm)}
+  relabel = lambda axes: tuple(None if i is None else new_of_old[i] for i in axes)  # noqa: E731
+  return dataclasses.replace(v, w=_bind(eqn, v.w), a_axes=relabel(v.a_axes),
+                             b_axes=relabel(v.b_axes))
+
+
+def view_identity(eqn: Any, v: LoraVal) -> LoraVal:
+  return dataclasses.replace(v, w=_bind(eqn, v.w))
+
+
+def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+  """Pairs runs of old and new axes with equal sizes; size-1 axes form their own groups."""
+  groups, i, j = [], 0, 0
+  while i < len(old) or j < len(new):
+    if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+      groups.append(([i], []))
+      i += 1
+      continue
+    if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
+      groups.append(([], [j]))
+      j += 1
+      continue
+    gi, gj, pi, pj = [i], [j], old[i], new[j]
+    i, j = i + 1, j + 1
+    while pi != pj:
+      if pi < pj:
+        gi.append(i)
+        pi *= old[i]
+        i += 1
+      else:
+        gj.append(j)
+        pj *= new[j]
+        j += 1
+    groups.append((gi, gj))
+  return groups
+
+
+def _reshape_factor(f, axes, groups, new_shape):
+  """Applies the grouped reshape to one factor, or raises NotImplementedError."""
+  group_of = {o: (gi, gj) for gi, gj in groups for o in gi}
+  out_axes: list[int | None] = []
+  out_shape: list[int] = []
+  k = 0
+  while k < len(axes):
+    if axes[k] is None:
+      out_axes.append(None)
+      out_shape.append(f.shape[k])
+      k += 1
+      continue
+    gi, gj = group_of[axes[k]]
+    if list(axes[k:k + len(gi)]) != gi:
+      raise NotImplementedError  # the run mixes roles or is out of order in this factor
+    out_axes += gj
+    out_shape += [new_shape[j] for j in gj]
+    k += len(gi)
+  return f.reshape(out_shape), tuple(out_axes)
+
+
+def _reshape_view(v: LoraVal, new_shape: Sequence[int], w: jax.Array) -> LoraVal:
+  groups = _reshape_groups(v.shape, new_shape)
+  a, a_axes = _reshape_factor(v.a, v.a_axes, groups, new_shape)
+  b, b_axes = _reshape_factor(v.b, v.b_axes, groups, new_shape)
+  for gi, gj in groups:
+    if not gi:  # a new size-1 axis: let the output factor carry it
+      b, b_axes = b[..., None], b_axes + (gj[0],)
+  return dataclasses.replace(v, w=w, a=a, b=b, a_axes=a_axes, b_axes=b_axes)
+
+
+def view_reshape(eqn: Any, v: LoraVal) -> LoraVal:
+  if eqn.params.get("dimensions") is not None:
+    raise NotImplementedError
+  return _reshape_view(v, tuple(eqn.params["new_sizes"]), _bind(eqn, v.w))
+
+
+def view_squeeze(eqn: Any, v: LoraVal) -> LoraVal:
+  dims = eqn.params["dimensions"]
+  new_shape = [d for i, d in enumerate(v.shape) if i not in dims]
+  return _reshape_view(v, new_shape, _bind(eqn, v.w))
+
+
+def view_expand(eqn: Any, v: LoraVal) -> LoraVal:
+  shape, bdims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
+  if list(bdims) != sorted(bdims) or any(
+      shape[j] != 1 for j in range(len(shape)) if j not in bdims) or any(
+      shape[bdims[i]] != d for i, d in enumerate(v.shape)):
+    raise NotImplementedError  # a real broadcast of the kernel
+  return _reshape_view(v, shape, _bind(eqn, v.w))
+
+
+def _slice_factor(f, axes, ax, fn):
+  if ax not in axes:
+    return f
+  return fn(f, axes.index(ax))
+
+
+def view_slice(eqn: Any, v: LoraVal) -> LoraVal:
+  start, limit, strides = (eqn.params["start_indices"], eqn.params["limit_indices"],
+                           eqn.params["strides"])
+  a, b = v.a, v.b
+  for ax in range(v.ndim):
+    if start[ax] == 0 and limit[ax] == v.shape[ax] and (strides is None or strides[ax] == 1):
+      continue
+    step = 1 if strides is None else strides[ax]
+    cut = lambda f, i, ax=ax, step=step: lax.slice_in_dim(f, start[ax], limit[ax], step, i)  # noqa: E731
+    a, b = _slice_factor(a, v.a_axes, ax, cut), _slice_factor(b, v.b_axes, ax, cut)
+  return dataclasses.replace(v, w=_bind(eqn, v.w), a=a, b=b)
+
+
+def view_dynamic_slice(eqn: Any, v: LoraVal, *starts: Any) -> LoraVal:
+  sizes = eqn.params["slice_sizes"]
+  a, b = v.a, v.b
+  for ax in range(v.ndim):
+    if sizes[ax] == v.shape[ax]:
+      continue
+    cut = lambda f, i, ax=ax: lax.dynamic_slice_in_dim(f, starts[ax], sizes[ax], i)  # noqa: E731
+    a, b = _slice_factor(a, v.a_axes, ax, cut), _slice_factor(b, v.b_axes, ax, cut)
+  return dataclasses.replace(v, w=eqn.primitive.bind(v.w, *starts, **eqn.params), a=a, b=b)
+
+
+VIEW_RULES: dict[str, Callable[..., LoraVal]] = {
+    "convert_element_type": view_convert,
+    "transpose": view_transpose,
+    "reshape": view_reshape,
+    "squeeze": view_squeeze,
+    "broadcast_in_dim": view_expand,
+    "slice": view_slice,
+    "dynamic_slice": view_dynamic_slice,
+    "copy": view_identity,
+    "copy_p": view_identity,
+    "sharding_constraint": view_identity,
+    "optimization_barrier": view_identity,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Compute rules: the result is an ordinary array.
+# ----------------------------------------------------------------------------------------
+
+Dropout = Callable[[jax.Array, float], jax.Array]
+
+
+def _compute_dtype(x: jax.Array, v: LoraVal) -> Any:
+  return jnp.promote_types(x.dtype, v.a.dtype)
+
+
+def dot_general_rule(eqn: Any, lhs: Any, rhs: Any, dropout: Dropout) -> jax.Array:
+  """``dot_general(x, W)`` → ``dot_general(x, w) + s·((x·A)·B)``, any contracting/batch dims."""
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  w_is_lhs = isinstance(lhs, LoraVal)
+  v, x = (lhs, rhs) if w_is_lhs else (rhs, lhs)
+  wc, xc, wb, xb = (lc, rc, lb, rb) if w_is_lhs else (rc, lc, rb, lb)
+  a_lab, b_lab = v.labels()
+  contracted = set(wc)
+  first_a = contracted <= set(a_lab)
+  if not first_a and not contracted <= set(b_lab):
+    raise NotImplementedError  # contracts "in" and "out" axes together
+  base = _bind(eqn, v.w, x) if w_is_lhs else _bind(eqn, x, v.w)
+  # Label x's axes: contracted and batch axes take the kernel's labels.
+  partner = dict(zip(xc, wc)) | dict(zip(xb, wb))
+  x_lab = tuple(partner.get(i, ("x", i)) for i in range(x.ndim))
+  x_free = [l for i, l in enumerate(x_lab) if i not in partner]
+  w_free = [i for i in range(v.ndim) if i not in contracted and i not in set(wb)]
+  out_lab = list(wb) + (w_free + x_free if w_is_lhs else x_free + w_free)
+  f1, l1, f2, l2 = (v.a, a_lab, v.b, b_lab) if first_a else (v.b, b_lab, v.a, a_lab)
+  dtype = _compute_dtype(x, v)
+  xd = dropout(x, v.dropout).astype(dtype)
+  precision = eqn.params.get("precision")
+  t, t_lab = contract(xd, x_lab, f1.astype(dtype), l1, set(out_lab) | set(l2), precision)
+  t = t if v.scale == 1.0 else t * jnp.asarray(v.scale, t.dtype)
+  y, y_lab = contract(t, t_lab, f2.astype(dtype), l2, set(out_lab), precision)
+  return base + arrange(y, y_lab, out_lab).astype(base.dtype)
+
+
+def conv_rule(eqn: Any, lhs: Any, rhs: Any, dropout: Dropout) -> jax.Array:
+  """Base conv plus an ``r``-filter conv with A followed by a 1x1 conv with B (as PEFT)."""
+  if isinstance(lhs, LoraVal) or not isinstance(rhs, LoraVal):
+    raise NotImplementedError
+  p = eqn.params
+  if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    raise NotImplementedError
+  dn = p["dimension_numbers"]
+  v, x = rhs, lhs
+  out_feat = dn.rhs_spec[0]
+  a_lab, b_lab = v.labels()
+  if set(b_lab) != {"r", out_feat} or set(a_lab) != set(range(v.ndim)) - {out_feat} | {"r"}:
+    raise NotImplementedError
+  base = _bind(eqn, x, v.w)
+  dtype = _compute_dtype(x, v)
+  order = ["r" if i == out_feat else i for i in range(v.ndim)]
+  a_kernel = arrange(v.a.astype(dtype), a_lab, order)
+  t = eqn.primitive.bind(dropout(x, v.dropout).astype(dtype), a_kernel,
+                         **(p | {"preferred_element_type": None}))
+  t = t if v.scale == 1.0 else t * jnp.asarray(v.scale, t.dtype)
+  feat = dn.out_spec[1]
+  t_lab = tuple("r" if i == feat else ("t", i) for i in range(t.ndim))
+  out_lab = tuple(out_feat if i == feat else ("t", i) for i in range(t.ndim))
+  y, y_lab = contract(t, t_lab, v.b.astype(dtype), b_lab, set(out_lab), p.get("precision"))
+  return base + arrange(y, y_lab, out_lab).astype(base.dtype)
+
+
+def gather_rule(eqn: Any, operand: Any, indices: Any, dropout: Dropout) -> jax.Array:
+  """Embedding lookup: base rows plus the gathered rows of A times B."""
+  del dropout  # as in PEFT, embedding LoRA has no dropout
+  if not isinstance(operand, LoraVal) or isinstance(indices, LoraVal):
+    raise NotImplementedError
+  v, p = operand, eqn.params
+  dn = p["dimension_numbers"]
+  a_lab, b_lab = v.labels()
+  outs = [l for l in b_lab if l != "r"]
+  if (dn.operand_batching_dims or len(outs) != 1 or set(a_lab) - {"r"} != set(dn.collapsed_slice_dims)
+      or p["slice_sizes"][outs[0]] != v.shape[outs[0]]):
+    raise NotImplementedError
+  out_ax = outs[0]
+  base = _bind(eqn, v.w, indices)
+  order = ["r" if i == out_ax else i for i in range(v.ndim)]
+  a_table = arrange(v.a, a_lab, order)
+  sizes = tuple(v.a.shape[a_lab.index("r")] if i == out_ax else s
+                for i, s in enumerate(p["slice_sizes"]))
+  rows = eqn.primitive.bind(a_table, indices, **(p | {"slice_sizes": sizes}))
+  (off,) = dn.offset_dims
+  r_lab = tuple("r" if i == off else ("g", i) for i in range(rows.ndim))
+  out_lab = tuple(out_ax if i == off else ("g", i) for i in range(rows.ndim))
+  rows = rows if v.scale == 1.0 else rows * jnp.asarray(v.scale, rows.dtype)
+  y, y_lab = contract(rows, r_lab, v.b.astype(rows.dtype), b_lab, set(out_lab))
+  return base + arrange(y, y_lab, out_lab).astype(base.dtype)
+
+
+COMPUTE_RULES: dict[str, Callable[..., jax.Array]] = {
+    "dot_general": dot_general_rule,
+    "conv_general_dilated": conv_rule,
+    "gather": gather_rule,
+}

@@ -1,0 +1,251 @@
+"""``wrap``, ``merge`` and ``unwrap``: from a parameter pytree to LoRA leaves and back."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_fn import _paths
+from lorax_fn._leaves import ROLES, Layout, LoraLeaf, factor_shapes, is_lora
+
+_INITS = ("kaiming", "gaussian")
+_ATTN_IN = ("query", "key", "value")  # Flax MultiHeadDotProductAttention: (in, heads, head_dim)
+_ATTN_OUT = ("out",)  # (heads, head_dim, out)
+
+
+def default_layout(path: str, shape: Sequence[int]) -> Layout:
+  """The documented layout of a kernel from Flax's standard modules.
+
+  ========================================  ======================================
+  leaf                                       layout
+  ========================================  ======================================
+  any 2-D kernel (``Dense``, ``Embed``)      ``(in, out)``
+  3-D ``query``/``key``/``value`` kernel     ``(in, out, out)`` (``DenseGeneral``)
+  3-D attention ``out`` kernel               ``(in, in, out)``
+  4-D ``query``/``key``/``value``/``out``    the above with a leading ``stack`` axis
+  other 4-D ``kernel``                       ``(in, in, in, out)`` (2-D ``Conv``)
+  ========================================  ======================================
+
+  Anything else (a 3-D kernel could be a ``DenseGeneral``, an ``nn.scan``-stacked
+  ``Dense`` or a 1-D ``Conv``) is ambiguous and raises: state the layout with
+  ``layouts=`` or infer it with :func:`lorax_fn.infer_layouts`.
+
+  Raises:
+    ValueError: if the layout is ambiguous.
+  """
+  parts = path.split("/")
+  module = parts[-2] if len(parts) > 1 else ""
+  ndim = len(shape)
+  if ndim == 2:
+    return ("in", "out")
+  if module in _ATTN_IN and ndim in (3, 4):
+    return ("stack",) * (ndim - 3) + ("in", "out", "out")
+  if module in _ATTN_OUT and ndim in (3, 4):
+    return ("stack",) * (ndim - 3) + ("in", "in", "out")
+  if ndim == 4 and parts[-1] == "kernel":
+    return ("in", "in", "in", "out")
+  raise ValueError(
+      f"the layout of the {ndim}-D kernel at {path!r} with shape {tuple(shape)} is "
+      "ambiguous (a DenseGeneral, an nn.scan-stacked layer or a Conv?); pass "
+      f"layouts={{{path!r}: (...)}} with one of {ROLES} per axis, or "
+      "layouts=lorax_fn.infer_layouts(apply_fn, params, *example_inputs)."
+  )
+
+
+def _check_layout(path: str, shape: Sequence[int], layout: Any) -> Layout:
+  layout = tuple(layout)
+  if len(layout) != len(shape) or any(r not in ROLES for r in layout):
+    raise ValueError(
+        f"layout for {path!r} must give one of {ROLES} for each of the {len(shape)} axes "
+        f"of shape {tuple(shape)}; got: {layout!r}"
+    )
+  if "in" not in layout or "out" not in layout:
+    raise ValueError(
+        f"layout for {path!r} needs at least one 'in' and one 'out' axis; got: {layout!r}"
+    )
+  return layout
+
+
+def _init_factors(
+    key: jax.Array, path: str, leaf: jax.Array, layout: Layout, rank: int, init: str, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+  a_shape, b_shape = factor_shapes(leaf.shape, layout, rank)
+  fan_in = math.prod(d for d, r in zip(leaf.shape, layout) if r == "in")
+  if path.split("/")[-1] == "embedding":
+    # PEFT's embedding LoRA is the other way round: A = 0, B ~ N(0, 1).
+    return jnp.zeros(a_shape, dtype), jax.random.normal(key, b_shape, dtype)
+  if init == "kaiming":  # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(fan_in)
+    a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+  else:  # "gaussian": PEFT draws A with std 1/r
+    a = jax.random.normal(key, a_shape, dtype) / rank
+  return a, jnp.zeros(b_shape, dtype)
+
+
+def _flatten(params: Any) -> tuple[list[tuple[str, Any]], Any]:
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+  return [(_paths.path_str(p), x) for p, x in leaves], treedef
+
+
+def wrap(
+    params: Any,
+    *,
+    rank: int = 8,
+    targets: _paths.Targets,
+    key: jax.Array,
+    alpha: float | None = None,
+    init: str = "kaiming",
+    dtype: Any = None,
+    rslora: bool = False,
+    dropout: float = 0.0,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    layouts: Mapping[str, Sequence[str]] | None = None,
+    kernel_names: Sequence[str] = _paths.KERNEL_NAMES,
+) -> Any:
+  """Replaces each targeted kernel of ``params`` by a :class:`LoraLeaf`.
+
+  Args:
+    params: any pytree of arrays (Flax linen variables, an NNX ``State``, a dict).
+    rank: LoRA rank ``r`` (overridable per target with ``rank_pattern``).
+    targets: names matched against path components (``("query", "value")`` selects
+      ``.../query/kernel``), a regex over the ``"/"``-joined path, or a callable
+      ``(path, leaf) -> bool``. Names select only kernels and embedding tables.
+    key: PRNG key; each targeted leaf gets its own subkey.
+    alpha: LoRA alpha; ``None`` means ``alpha = rank``.
+    init: ``"kaiming"`` (PEFT's default: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+      B = 0) or ``"gaussian"`` (A ~ N(0, 1/r²)). Embeddings use A = 0, B ~ N(0, 1).
+    dtype: dtype of A and B; default float32 for 16-bit bases, else the base dtype.
+    rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+    dropout: dropout rate on the input of the low-rank path (see :func:`lora`).
+    rank_pattern: ``{pattern: rank}``; the first key that matches a path wins.
+    alpha_pattern: ``{pattern: alpha}``; the first key that matches a path wins.
+    layouts: ``{pattern: roles}`` with a role in ``("in", "out", "stack")`` per kernel
+      axis, overriding :func:`default_layout`; :func:`infer_layouts` returns one.
+    kernel_names: leaf names that target names may select.
+
+  Returns:
+    A new pytree of the same structure with :class:`LoraLeaf` nodes at the targets.
+
+  Raises:
+    ValueError: if a target matches nothing, a rank or option is invalid, a layout is
+      ambiguous, or a leaf is already wrapped.
+    TypeError: if a targeted leaf is not a float array.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> params = {"dense": {"kernel": jnp.ones((5, 7)), "bias": jnp.zeros(7)}}
+    >>> wrapped = lora_fn.wrap(params, rank=2, targets=("dense",), key=jax.random.key(0))
+    >>> wrapped["dense"]["kernel"].a.shape, wrapped["dense"]["kernel"].b.shape
+    ((5, 2), (2, 7))
+  """
+  if init not in _INITS:
+    raise ValueError(f"init must be one of {_INITS}; got: {init!r}")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout must be in [0, 1); got: {dropout!r}")
+  match = _paths.make_matcher(targets, kernel_names)
+  flat, treedef = _flatten(params)
+  selected = [i for i, (path, leaf) in enumerate(flat) if match(path, leaf)]
+  if not selected:
+    _raise_no_match(targets, [p for p, x in flat if getattr(x, "ndim", 0) >= 2 or is_lora(x)])
+  keys = jax.random.split(key, len(selected))
+  out = [leaf for _, leaf in flat]
+  for k, i in zip(keys, selected):
+    path, leaf = flat[i]
+    out[i] = _wrap_leaf(
+        k, path, leaf, rank=_paths.lookup_pattern(rank_pattern, path) or rank,
+        alpha=_paths.lookup_pattern(alpha_pattern, path) or alpha, init=init, dtype=dtype,
+        rslora=rslora, dropout=dropout, layout=_paths.lookup_pattern(layouts, path),
+    )
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _raise_no_match(targets: Any, paths: list[str]) -> None:
+  names = [targets] if isinstance(targets, str) else targets
+  near: list[str] = []
+  if isinstance(names, Sequence):
+    for t in names:
+      near += [p for p in _paths.nearest_paths(str(t), paths) if p not in near]
+  raise ValueError(
+      f"targets {targets!r} matched no parameter; nearest available paths: "
+      f"{near[:8] or paths[:8]}"
+  )
+
+
+def _wrap_leaf(
+    key: jax.Array, path: str, leaf: Any, *, rank: int, alpha: float | None, init: str,
+    dtype: Any, rslora: bool, dropout: float, layout: Sequence[str] | None,
+) -> LoraLeaf:
+  if is_lora(leaf):
+    raise ValueError(f"the leaf at {path!r} is already a LoRA leaf; wrap it only once.")
+  if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
+    got = getattr(leaf, "dtype", type(leaf).__name__)
+    raise TypeError(f"the targeted leaf at {path!r} must be a float array; got: {got}")
+  if leaf.ndim < 2:
+    raise ValueError(
+        f"the targeted leaf at {path!r} must have at least 2 axes; got shape {leaf.shape}"
+    )
+  layout = default_layout(path, leaf.shape) if layout is None else layout
+  layout = _check_layout(path, leaf.shape, layout)
+  if not isinstance(rank, (int, np.integer)) or rank <= 0:
+    raise ValueError(f"rank for {path!r} must be a positive int; got: {rank!r}")
+  n_in = math.prod(d for d, r in zip(leaf.shape, layout) if r == "in")
+  n_out = math.prod(d for d, r in zip(leaf.shape, layout) if r == "out")
+  if rank > min(n_in, n_out):
+    raise ValueError(
+        f"rank for {path!r} must be at most min(in, out) = min({n_in}, {n_out}) for a kernel "
+        f"of shape {tuple(leaf.shape)} with layout {layout}; got: {rank}"
+    )
+  if dtype is None:
+    dtype = jnp.float32 if jnp.finfo(leaf.dtype).bits < 32 else leaf.dtype
+  a, b = _init_factors(key, path, leaf, layout, int(rank), init, dtype)
+  alpha = float(rank if alpha is None else alpha)
+  return LoraLeaf(leaf, a, b, layout, int(rank), alpha, bool(rslora), float(dropout))
+
+
+def merge(params: Any, *, dtype: Any = None) -> Any:
+  """Folds every LoRA leaf into one dense kernel ``W + scale * B·A``.
+
+  The result has the original structure, shapes and dtypes, so the model runs with no
+  extra latency and no ``lora`` transform.
+
+  Args:
+    params: a pytree that may hold :class:`LoraLeaf` nodes.
+    dtype: dtype of the merged kernels; default each base kernel's dtype.
+
+  Returns:
+    A plain pytree of arrays.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> p = lora_fn.wrap({"k": jnp.eye(3)}, rank=1, targets=("k",), key=jax.random.key(0))
+    >>> bool((lora_fn.merge(p)["k"] == jnp.eye(3)).all())  # B = 0 at init
+    True
+  """
+  return jax.tree.map(lambda x: x.merged(dtype) if is_lora(x) else x, params, is_leaf=is_lora)
+
+
+def unwrap(params: Any) -> Any:
+  """Returns the base pytree: every LoRA leaf replaced by its frozen ``w``, bit-exact.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> base = {"k": jnp.arange(6.0).reshape(2, 3)}
+    >>> p = lora_fn.wrap(base, rank=1, targets=("k",), key=jax.random.key(0))
+    >>> lora_fn.unwrap(p)["k"] is base["k"]
+    True
+  """
+  return jax.tree.map(lambda x: x.w if is_lora(x) else x, params, is_leaf=is_lora)
+
+
+def lora_paths(params: Any) -> dict[str, LoraLeaf]:
+  """``{path: leaf}`` of the LoRA leaves of ``params``."""
+  return {p: x for p, x in _flatten(params)[0] if is_lora(x)}
+
+
+Predicate = Callable[[str, Any], bool]
