@@ -1,0 +1,233 @@
+"""``lora(fn)`` against ``fn(merge(params))`` and the explicit formula, per kernel kind."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_trees_close, assert_trees_equal, explicit_merge, randomize
+
+import lorax_fn as lora_fn
+
+K = jax.random.key
+
+
+def _linen(module, *inputs, method=None):
+  params = module.init(K(0), *inputs, method=method)
+  return (lambda p, *xs: module.apply(p, *xs, method=method)), params
+
+
+class _Embed(nn.Module):
+  @nn.compact
+  def __call__(self, ids):
+    e = nn.Embed(13, 7)
+    return e.attend(e(ids) * 2.0)
+
+
+class _Stacked(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    class Layer(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return jnp.tanh(nn.Dense(5)(h)), None
+
+    scan = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return scan()(x, None)[0]
+
+
+def _case(name):
+  x = jax.random.normal(K(1), (2, 3, 5))
+  if name == "dense":
+    return (*_linen(nn.Dense(7), x), (x,), ("kernel",), None)
+  if name == "dense_general_in":  # (in, heads, head_dim), like attention q/k/v
+    return (*_linen(nn.DenseGeneral((2, 3), axis=-1), x), (x,), ("kernel",),
+            {"kernel": ("in", "out", "out")})
+  if name == "dense_general_out":  # (heads, head_dim, out), like the attention output
+    x4 = jax.random.normal(K(1), (2, 3, 2, 5))
+    return (*_linen(nn.DenseGeneral(7, axis=(-2, -1)), x4), (x4,), ("kernel",),
+            {"kernel": ("in", "in", "out")})
+  if name == "einsum":
+    m = nn.Einsum((5, 2, 7), "btd,dhk->bthk")
+    return (*_linen(m, x), (x,), ("kernel",), {"kernel": ("in", "out", "out")})
+  if name == "einsum_two_contracting":
+    x4 = jax.random.normal(K(1), (2, 3, 2, 11))
+    m = nn.Einsum((2, 11, 7), "bthd,hdk->btk")
+    return (*_linen(m, x4), (x4,), ("kernel",), {"kernel": ("in", "in", "out")})
+  if name == "conv2d":
+    img = jax.random.normal(K(1), (2, 11, 13, 5))
+    m = nn.Conv(7, (3, 2), strides=(2, 1), padding="SAME", kernel_dilation=(1, 2))
+    return (*_linen(m, img), (img,), ("kernel",), None)
+  if name == "conv1d":
+    seq = jax.random.normal(K(1), (2, 11, 5))
+    return (*_linen(nn.Conv(7, (3,)), seq), (seq,), ("kernel",), {"kernel": ("in", "in", "out")})
+  if name == "embed":
+    ids = jnp.array([[0, 3, 12], [5, 5, 1]])
+    return (*_linen(_Embed(), ids), (ids,), ("Embed_0",), None)
+  if name == "scan_stacked":
+    return (*_linen(_Stacked(), x), (x,), ("Dense_0",), {"Dense_0": ("stack", "in", "out")})
+  if name == "vmap_stacked":  # the layer axis meets dot_general as a batch dimension
+    params = {"w": jax.random.normal(K(0), (3, 5, 7))}
+    fn = lambda p, xs: jax.vmap(lambda w, h: h @ w)(p["w"], xs)  # noqa: E731
+    xs = jax.random.normal(K(1), (3, 2, 5))
+    return fn, params, (xs,), ("w",), {"w": ("stack", "in", "out")}
+  if name == "kernel_on_left":
+    params = {"w": jax.random.normal(K(0), (5, 7))}
+    fn = lambda p, x: jnp.einsum("io,bti->obt", p["w"], x)  # noqa: E731
+    return fn, params, (x,), ("w",), None
+  if name == "transposed_reshaped":
+    params = {"w": jax.random.normal(K(0), (7, 2, 3))}  # (out, heads, head_dim) stored
+    def fn(p, x):
+      return x.reshape(2, 3, 6) @ jnp.transpose(p["w"], (1, 2, 0)).reshape(6, 7)
+    xs = jax.random.normal(K(1), (2, 3, 2, 3))
+    return fn, params, (xs,), ("w",), {"w": ("out", "in", "in")}
+  raise KeyError(name)
+
+
+CASES = ["dense", "dense_general_in", "dense_general_out", "einsum", "einsum_two_contracting",
+         "conv2d", "conv1d", "embed", "scan_stacked", "vmap_stacked", "kernel_on_left",
+         "transposed_reshaped"]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", CASES)
+def test_lora_matches_merge_and_formula(name, jit):
+  fn, params, inputs, targets, layouts = _case(name)
+  wrapped = randomize(lora_fn.wrap(params, rank=2, alpha=3.0, targets=targets, layouts=layouts,
+                                   key=K(2)), K(3))
+  run = lora_fn.lora(fn)
+  with _no_materialize():
+    out = (jax.jit(run) if jit else run)(wrapped, *inputs)
+  assert_trees_close(out, fn(lora_fn.merge(wrapped), *inputs))
+  assert_trees_close(out, fn(explicit_merge(wrapped), *inputs))
+  # The low-rank part is really there.
+  assert not np.allclose(out, fn(lora_fn.unwrap(wrapped), *inputs), atol=1e-3)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", CASES)
+def test_freshly_wrapped_equals_base(name, jit):
+  fn, params, inputs, targets, layouts = _case(name)
+  wrapped = lora_fn.wrap(params, rank=2, targets=targets, layouts=layouts, key=K(2))
+  assert_trees_equal(lora_fn.merge(wrapped), params)
+  maybe_jit = jax.jit if jit else (lambda f: f)
+  got = maybe_jit(lora_fn.lora(fn))(wrapped, *inputs)
+  want = maybe_jit(fn)(params, *inputs)
+  if jit or name == "scan_stacked":
+    # Compiled, the low-rank term (exactly zero) can change how XLA fuses the base matmul
+    # with a following bias add, which may move the last bit.
+    assert_trees_close(got, want, rtol=1e-6)
+  else:
+    assert_trees_equal(got, want)
+
+
+def test_bf16_compute_follows_the_model_cast():
+  params = {"w": jax.random.normal(K(0), (11, 7))}
+  fn = lambda p, x: x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16)  # noqa: E731
+  wrapped = randomize(lora_fn.wrap(params, rank=3, targets=("w",), key=K(1)), K(2))
+  x = jax.random.normal(K(3), (5, 11))
+  with _no_materialize():
+    got = jax.jit(lora_fn.lora(fn))(wrapped, x)
+  assert got.dtype == jnp.bfloat16
+  assert_trees_close(got.astype(jnp.float32), fn(explicit_merge(wrapped), x).astype(jnp.float32),
+                     rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["dense", "conv2d", "embed", "scan_stacked", "einsum"])
+def test_gradients_match_merged(name):
+  fn, params, inputs, targets, layouts = _case(name)
+  wrapped = randomize(lora_fn.wrap(params, rank=2, targets=targets, layouts=layouts, key=K(2)),
+                      K(3))
+  trainable, frozen = lora_fn.split(wrapped)
+
+  def loss(apply, t):
+    return jnp.sum(jnp.sin(apply(lora_fn.combine(t, frozen), *inputs)))
+
+  got = jax.jit(jax.grad(lambda t: loss(lora_fn.lora(fn), t)))(trainable)
+  want = jax.grad(lambda t: loss(lambda p, *xs: fn(lora_fn.merge(p), *xs), t))(trainable)
+  assert_trees_close(got, want, rtol=1e-4)
+
+
+def test_higher_order_primitives():
+  params = {"w": jax.random.normal(K(0), (5, 5))}
+
+  def fn(p, x, i):
+    w = p["w"]
+    h = jax.checkpoint(lambda h: jnp.tanh(h @ w))(x)
+    h = jax.lax.cond(i > 0, lambda h: h @ w, lambda h: -(h @ w.T), h)
+    h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)),
+                           (0, h))[1]
+    h = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), h, None, length=2)[0]
+    return jax.jit(lambda h: h @ w)(h)
+
+  wrapped = randomize(lora_fn.wrap(params, rank=2, targets=("w",), key=K(1)), K(2))
+  x = jax.random.normal(K(3), (3, 5))
+  for i in (0, 1):
+    with _no_materialize():
+      got = jax.jit(lora_fn.lora(fn))(wrapped, x, i)
+    assert_trees_close(got, fn(lora_fn.merge(wrapped), x, i))
+
+
+def test_jaxpr_has_no_full_size_update():
+  fn, params, inputs, targets, layouts = _case("dense_general_in")
+  wrapped = lora_fn.wrap(params, rank=2, targets=targets, layouts=layouts, key=K(2))
+  jaxpr = jax.make_jaxpr(lora_fn.lora(fn))(wrapped, *inputs)
+  kernel_shape = params["params"]["kernel"].shape
+  produced = [v.aval.shape for e in jaxpr.jaxpr.eqns for v in e.outvars]
+  # The only kernel-shaped value is the stop_gradient of the base itself.
+  assert produced.count(kernel_shape) == 1
+
+
+def test_unsupported_use_materializes_with_warning():
+  params = {"w": jax.random.normal(K(0), (5, 7))}
+  fn = lambda p, x: x @ jnp.sin(p["w"])  # noqa: E731
+  wrapped = randomize(lora_fn.wrap(params, rank=2, targets=("w",), key=K(1)), K(2))
+  x = jax.random.normal(K(3), (3, 5))
+  with pytest.warns(lora_fn.MaterializeWarning, match=r"no factored rule for 'sin'"):
+    got = lora_fn.lora(fn)(wrapped, x)
+  assert_trees_close(got, fn(lora_fn.merge(wrapped), x))
+
+
+def test_dropout_is_keyed_and_off_without_key():
+  params = {"w": jax.random.normal(K(0), (5, 7))}
+  fn = lambda p, x: x @ p["w"]  # noqa: E731
+  # rank 5 = in: x -> x·A·B is injective, so the dropped-out input can be read back.
+  wrapped = randomize(lora_fn.wrap(params, rank=5, targets=("w",), key=K(1), dropout=0.5), K(2))
+  x = jax.random.normal(K(3), (13, 5))
+  leaf = wrapped["w"]
+  base = x @ leaf.w
+  low = lambda xd: (xd @ leaf.a) @ leaf.b * leaf.scale  # noqa: E731
+  assert_trees_close(lora_fn.lora(fn)(wrapped, x), base + low(x))
+  a = lora_fn.lora(fn, key=K(4))(wrapped, x)
+  b = lora_fn.lora(fn, key=K(4))(wrapped, x)
+  c = lora_fn.lora(fn, key=K(5))(wrapped, x)
+  assert_trees_equal(a, b)
+  assert not np.allclose(a, c)
+  # The base path never sees dropout: a - base is low(mask * x / (1 - p)).
+  resid = np.asarray(a - base)
+  xd = np.linalg.lstsq(np.asarray(leaf.a @ leaf.b * leaf.scale).T, resid.T, rcond=None)[0].T
+  dropped = np.isclose(xd, 0, atol=1e-3)
+  assert 0.3 < dropped.mean() < 0.7
+  np.testing.assert_allclose(xd[~dropped], 2 * np.asarray(x)[~dropped], rtol=1e-2, atol=1e-3)
+
+
+def test_shape_mismatch_is_an_error_naming_the_path():
+  wrapped = lora_fn.wrap({"layer": {"w": jnp.ones((5, 7))}}, rank=2, targets=("w",), key=K(0))
+  import dataclasses
+  bad = {"layer": {"w": dataclasses.replace(wrapped["layer"]["w"], a=jnp.ones((5, 3)))}}
+  with pytest.raises(ValueError, match=r"LoRA leaf at 'arg 0/layer/w'.*expects a of shape "
+                                       r"\(5, 2\).*got a \(5, 3\)"):
+    lora_fn.lora(lambda p, x: x @ p["layer"]["w"])(bad, jnp.ones((2, 5)))
+
+
+class _no_materialize:
+  def __enter__(self):
+    import warnings
+    self._ctx = warnings.catch_warnings()
+    self._ctx.__enter__()
+    warnings.simplefilter("error", lora_fn.MaterializeWarning)
+
+  def __exit__(self, *exc):
+    return self._ctx.__exit__(*exc)
