@@ -117,7 +117,7 @@ def wrap(
       ``.../query/kernel``), a regex over the ``"/"``-joined path, or a callable
       ``(path, leaf) -> bool``. Names select only kernels and embedding tables.
     key: PRNG key; each targeted leaf gets its own subkey.
-    alpha: LoRA alpha; ``None`` means ``alpha = rank``.
+    alpha: LoRA alpha; ``None`` means ``alpha = rank`` (each leaf's own rank, so scale 1).
     init: ``"kaiming"`` (PEFT's default: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
       B = 0) or ``"gaussian"`` (A ~ N(0, 1/r²)). Embeddings use A = 0, B ~ N(0, 1).
     dtype: dtype of A and B; default float32 for 16-bit bases, else the base dtype.
@@ -152,7 +152,8 @@ def wrap(
   flat, treedef = _flatten(params)
   selected = [i for i, (path, leaf) in enumerate(flat) if match(path, leaf)]
   if not selected:
-    _raise_no_match(targets, [p for p, x in flat if getattr(x, "ndim", 0) >= 2 or is_lora(x)])
+    kernels = [p for p, x in flat if p.rsplit("/", 1)[-1] in kernel_names or is_lora(x)]
+    _raise_no_match(targets, kernels or [p for p, x in flat if getattr(x, "ndim", 0) >= 2])
   keys = jax.random.split(key, len(selected))
   out = [leaf for _, leaf in flat]
   for k, i in zip(keys, selected):
