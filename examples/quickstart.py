@@ -52,9 +52,14 @@ def main() -> None:
   # The teacher: the base plus a hidden rank-2 change of the targeted kernels.
   teacher = lora_fn.wrap(params, rank=2, targets=targets, key=k_teacher)
   teacher = jax.tree.map(
-      lambda l: dataclasses.replace(l, b=0.3 * jax.random.normal(k_teacher, l.b.shape))
-      if lora_fn.is_lora(l) else l,
-      teacher, is_leaf=lora_fn.is_lora)
+    lambda l: (
+      dataclasses.replace(l, b=0.3 * jax.random.normal(k_teacher, l.b.shape))
+      if lora_fn.is_lora(l)
+      else l
+    ),
+    teacher,
+    is_leaf=lora_fn.is_lora,
+  )
   y = model.apply(lora_fn.merge(teacher), x)
 
   params = lora_fn.wrap(params, rank=4, targets=targets, key=k_lora)
@@ -76,8 +81,10 @@ def main() -> None:
     params, opt_state, loss = step(params, opt_state)
     if i % 40 == 0:
       print(f"step {i:3d}  loss {float(loss):.5f}")
-  print(f"trained 200 LoRA steps in {time.perf_counter() - start:.1f}s; "
-        f"merged model loss {float(jnp.mean((model.apply(lora_fn.merge(params), x) - y) ** 2)):.5f}")
+  print(
+    f"trained 200 LoRA steps in {time.perf_counter() - start:.1f}s; "
+    f"merged model loss {float(jnp.mean((model.apply(lora_fn.merge(params), x) - y) ** 2)):.5f}"
+  )
 
 
 if __name__ == "__main__":

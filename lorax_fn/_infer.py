@@ -15,10 +15,23 @@ from lorax_fn._rules import _reshape_groups
 
 # Each tracked value maps its axes to the parameter axes they stand for.
 AxisMap = tuple[tuple[int, ...], ...]
-_PASS = ("convert_element_type", "copy", "copy_p", "sharding_constraint", "slice",
-         "dynamic_slice", "optimization_barrier")
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
+_PASS = (
+  "convert_element_type",
+  "copy",
+  "copy_p",
+  "sharding_constraint",
+  "slice",
+  "dynamic_slice",
+  "optimization_barrier",
+)
+_CALLS = {
+  "jit": "jaxpr",
+  "pjit": "jaxpr",
+  "closed_call": "call_jaxpr",
+  "core_call": "call_jaxpr",
+  "custom_jvp_call": "call_jaxpr",
+  "custom_vjp_call": "call_jaxpr",
+}
 
 
 class _Recorder:
@@ -38,9 +51,9 @@ class _Recorder:
       return  # used transposed (a tied embedding's ``attend``): the same factorisation
     if clash:
       raise ValueError(
-          f"the kernel at {self.paths[pid]!r} is used with conflicting axis roles "
-          f"{_fmt(old, self.ndims[pid])} and {_fmt(new, self.ndims[pid])}; pass its layout "
-          "explicitly with layouts=."
+        f"the kernel at {self.paths[pid]!r} is used with conflicting axis roles "
+        f"{_fmt(old, self.ndims[pid])} and {_fmt(new, self.ndims[pid])}; pass its layout "
+        "explicitly with layouts=."
       )
     old.update(new)
 
@@ -76,16 +89,19 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[int, AxisMap]], rec: _Recorder) -
       for t, c, b in ((ins[0], lc, lb), (ins[1], rc, rb)):
         if t:
           n = len(t[1])
-          rec.record(t[0], t[1], ["in" if i in c else "stack" if i in b else "out"
-                                  for i in range(n)])
+          rec.record(
+            t[0], t[1], ["in" if i in c else "stack" if i in b else "out" for i in range(n)]
+          )
     elif name == "conv_general_dilated" and ins[1]:
       out_feat = p["dimension_numbers"].rhs_spec[0]
-      rec.record(ins[1][0], ins[1][1], ["out" if i == out_feat else "in"
-                                        for i in range(len(ins[1][1]))])
+      rec.record(
+        ins[1][0], ins[1][1], ["out" if i == out_feat else "in" for i in range(len(ins[1][1]))]
+      )
     elif name == "gather" and first:
       collapsed = p["dimension_numbers"].collapsed_slice_dims
-      rec.record(first[0], first[1], ["in" if i in collapsed else "out"
-                                      for i in range(len(first[1]))])
+      rec.record(
+        first[0], first[1], ["in" if i in collapsed else "out" for i in range(len(first[1]))]
+      )
     elif name in _CALLS:
       _walk_sub(p[_CALLS[name]].jaxpr, ins, rec)
     elif name in ("remat2", "checkpoint"):
@@ -95,11 +111,11 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[int, AxisMap]], rec: _Recorder) -
         _walk_sub(br.jaxpr, ins[1:], rec)
     elif name == "while":
       n = p["cond_nconsts"]
-      _walk_sub(p["body_jaxpr"].jaxpr, ins[n:n + p["body_nconsts"]], rec)
+      _walk_sub(p["body_jaxpr"].jaxpr, ins[n : n + p["body_nconsts"]], rec)
     elif name == "scan":
       nc, ncar = p["num_consts"], p["num_carry"]
       body_ins = list(ins[:nc]) + [None] * ncar
-      for t in ins[nc + ncar:]:
+      for t in ins[nc + ncar :]:
         if t:
           rec.record(t[0], t[1][:1], ["stack"])
           t = (t[0], t[1][1:])
@@ -111,7 +127,9 @@ def _walk_sub(jaxpr: Any, ins: list[Any], rec: _Recorder) -> None:
   _walk(jaxpr, {v: t for v, t in zip(jaxpr.invars, ins) if t}, rec)
 
 
-def infer_layouts(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) -> dict[str, Layout]:
+def infer_layouts(
+  fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
+) -> dict[str, Layout]:
   """Infers each kernel's layout by tracing ``fn(params, *args, **kwargs)`` once.
 
   How a kernel meets ``dot_general`` (contracted axes are ``in``, batch axes ``stack``,
@@ -151,9 +169,11 @@ def infer_layouts(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any
 
   closed = jax.make_jaxpr(flat_fn)(*specs)
   rec = _Recorder(paths, [len(s.shape) for s in specs])
-  tracked = {v: (i, tuple((ax,) for ax in range(len(specs[i].shape))))
-             for i, v in enumerate(closed.jaxpr.invars[:len(specs)])
-             if len(specs[i].shape) >= 2}
+  tracked = {
+    v: (i, tuple((ax,) for ax in range(len(specs[i].shape))))
+    for i, v in enumerate(closed.jaxpr.invars[: len(specs)])
+    if len(specs[i].shape) >= 2
+  }
   _walk(closed.jaxpr, tracked, rec)
   out = {}
   for pid, roles in rec.roles.items():

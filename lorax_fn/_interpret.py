@@ -105,9 +105,11 @@ def _materialize(x: Any, primitive: str) -> Any:
   if not isinstance(x, LoraVal):
     return x
   warnings.warn(
-      f"lorax_fn.lora: no factored rule for '{primitive}' on a LoRA kernel of shape "
-      f"{x.shape}; materialising W + s*BA (correct, but slower and uses more memory).",
-      MaterializeWarning, stacklevel=2)
+    f"lorax_fn.lora: no factored rule for '{primitive}' on a LoRA kernel of shape "
+    f"{x.shape}; materialising W + s*BA (correct, but slower and uses more memory).",
+    MaterializeWarning,
+    stacklevel=2,
+  )
   return x.materialize()
 
 
@@ -115,10 +117,12 @@ def _materialize(x: Any, primitive: str) -> Any:
 # Higher-order primitives.
 # ----------------------------------------------------------------------------------------
 
+
 def _inline(param: str) -> Callable[[_Ctx, Any, list[Any]], list[Any]]:
   def rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
     closed = eqn.params[param]
     return eval_jaxpr(ctx, closed.jaxpr, closed.consts, invals)
+
   return rule
 
 
@@ -128,18 +132,18 @@ def _checkpoint_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
   def body(*args: Any) -> list[Any]:
     return [_concrete(o) for o in eval_jaxpr(ctx, jaxpr, (), args)]
 
-  remat = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
-                         policy=eqn.params["policy"])
+  remat = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
   return list(remat(*invals))
 
 
 def _scan_slices(v: LoraVal) -> tuple[tuple[Any, ...], Callable[[tuple[Any, ...]], LoraVal]]:
   """Splits a LoRA value scanned over its axis 0 into scanned parts and a rebuild fn."""
+
   def lead(f, axes):
     if 0 not in axes:
       return None, f, tuple(None if i is None else i - 1 for i in axes)
     j = axes.index(0)
-    rest = axes[:j] + axes[j + 1:]
+    rest = axes[:j] + axes[j + 1 :]
     return jnp.moveaxis(f, j, 0), None, tuple(None if i is None else i - 1 for i in rest)
 
   a_xs, a_const, a_axes = lead(v.a, v.a_axes)
@@ -147,8 +151,15 @@ def _scan_slices(v: LoraVal) -> tuple[tuple[Any, ...], Callable[[tuple[Any, ...]
 
   def rebuild(parts: tuple[Any, ...]) -> LoraVal:
     w, a, b = parts
-    return LoraVal(w, a_const if a is None else a, b_const if b is None else b, a_axes, b_axes,
-                   v.scale, v.dropout)
+    return LoraVal(
+      w,
+      a_const if a is None else a,
+      b_const if b is None else b,
+      a_axes,
+      b_axes,
+      v.scale,
+      v.dropout,
+    )
 
   return (v.w, a_xs, b_xs), rebuild
 
@@ -157,9 +168,9 @@ def _scan_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
   p = eqn.params
   nc, ncar, closed = p["num_consts"], p["num_carry"], p["jaxpr"]
   consts = invals[:nc]
-  init = [_materialize(x, "scan carry") for x in invals[nc:nc + ncar]]
+  init = [_materialize(x, "scan carry") for x in invals[nc : nc + ncar]]
   xs, rebuilds = [], []
-  for x in invals[nc + ncar:]:
+  for x in invals[nc + ncar :]:
     if isinstance(x, LoraVal):
       parts, rebuild = _scan_slices(x)
       xs.append(parts)
@@ -176,8 +187,9 @@ def _scan_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
     outs = [_concrete(o) for o in outs]
     return outs[:ncar], outs[ncar:]
 
-  carry, ys = lax.scan(body, init, (xs, keys), length=p["length"], reverse=p["reverse"],
-                       unroll=p["unroll"])
+  carry, ys = lax.scan(
+    body, init, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+  )
   return [*carry, *ys]
 
 
@@ -193,8 +205,8 @@ def _cond_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
 def _while_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
   p = eqn.params
   cn, bn = p["cond_nconsts"], p["body_nconsts"]
-  cconsts, bconsts = invals[:cn], invals[cn:cn + bn]
-  init = [_materialize(x, "while carry") for x in invals[cn + bn:]]
+  cconsts, bconsts = invals[:cn], invals[cn : cn + bn]
+  init = [_materialize(x, "while carry") for x in invals[cn + bn :]]
   cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
   key = None if ctx.key is None else ctx.next_key()
 
@@ -212,23 +224,24 @@ def _while_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
 
 
 _HIGHER_ORDER: dict[str, Callable[[_Ctx, Any, list[Any]], list[Any]]] = {
-    "jit": _inline("jaxpr"),
-    "pjit": _inline("jaxpr"),
-    "closed_call": _inline("call_jaxpr"),
-    "core_call": _inline("call_jaxpr"),
-    "custom_jvp_call": _inline("call_jaxpr"),
-    "custom_vjp_call": _inline("call_jaxpr"),
-    "remat2": _checkpoint_rule,
-    "checkpoint": _checkpoint_rule,
-    "scan": _scan_rule,
-    "cond": _cond_rule,
-    "while": _while_rule,
+  "jit": _inline("jaxpr"),
+  "pjit": _inline("jaxpr"),
+  "closed_call": _inline("call_jaxpr"),
+  "core_call": _inline("call_jaxpr"),
+  "custom_jvp_call": _inline("call_jaxpr"),
+  "custom_vjp_call": _inline("call_jaxpr"),
+  "remat2": _checkpoint_rule,
+  "checkpoint": _checkpoint_rule,
+  "scan": _scan_rule,
+  "cond": _cond_rule,
+  "while": _while_rule,
 }
 
 
 # ----------------------------------------------------------------------------------------
 # The transform.
 # ----------------------------------------------------------------------------------------
+
 
 def _is_dynamic(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic, LoraLeaf))
@@ -246,8 +259,9 @@ def _check_leaves(args: Any) -> None:
   flat, _ = jax.tree_util.tree_flatten_with_path(args, is_leaf=is_lora)
   for path, x in flat:
     if is_lora(x):
-      x.check(f"arg {path[1].idx if path[0].idx == 0 else path[1].key!r}/"
-              + _paths.path_str(path[2:]))
+      x.check(
+        f"arg {path[1].idx if path[0].idx == 0 else path[1].key!r}/" + _paths.path_str(path[2:])
+      )
 
 
 def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..., Any]:
@@ -292,8 +306,9 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
     dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
     stand_ins = [_stand_in(leaves[i]) for i in dyn]
     closed, out_tree = _trace(fn, cache, leaves, treedef, dyn, stand_ins)
-    vals = [LoraVal.from_leaf(x, x.w, x.a, x.b) if is_lora(x) else x
-            for x in (leaves[i] for i in dyn)]
+    vals = [
+      LoraVal.from_leaf(x, x.w, x.a, x.b) if is_lora(x) else x for x in (leaves[i] for i in dyn)
+    ]
     outs = eval_jaxpr(_Ctx(key), closed.jaxpr, closed.consts, vals)
     return jax.tree_util.tree_unflatten(out_tree, [_concrete(o) for o in outs])
 
@@ -324,8 +339,10 @@ def _trace(fn, cache, leaves, treedef, dyn, stand_ins):
     closed = jax.make_jaxpr(flat_fn)(*stand_ins)
   except Exception as e:
     shapes = {str(i): s.shape for i, s in zip(dyn, stand_ins) if is_lora(leaves[i])}
-    e.add_note(f"lorax_fn.lora traced fn with LoRA leaves standing in for base weights of "
-               f"shapes {sorted(shapes.values())}; check that they match the model.")
+    e.add_note(
+      f"lorax_fn.lora traced fn with LoRA leaves standing in for base weights of "
+      f"shapes {sorted(shapes.values())}; check that they match the model."
+    )
     raise
   result = (closed, out_tree[0])
   if cache_key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):

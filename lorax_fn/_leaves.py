@@ -29,7 +29,7 @@ def factor_axes(roles: Sequence[str]) -> tuple[tuple[int | None, ...], tuple[int
 
 
 def factor_shapes(
-    shape: Sequence[int], roles: Sequence[str], rank: int
+  shape: Sequence[int], roles: Sequence[str], rank: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """Shapes of ``a`` and ``b`` for a kernel of ``shape`` with axis ``roles``."""
   a_axes, b_axes = factor_axes(roles)
@@ -39,11 +39,11 @@ def factor_shapes(
 
 
 def lowrank_product(
-    a: jax.Array,
-    a_axes: Sequence[int | None],
-    b: jax.Array,
-    b_axes: Sequence[int | None],
-    ndim: int,
+  a: jax.Array,
+  a_axes: Sequence[int | None],
+  b: jax.Array,
+  b_axes: Sequence[int | None],
+  ndim: int,
 ) -> jax.Array:
   """``einsum`` of the factors over the rank axis, in kernel axis order."""
   rank_label = ndim
@@ -102,31 +102,29 @@ class LoraLeaf:
     """The dense update ``scale * B·A`` in ``w``'s axis order (float32 or wider)."""
     a_axes, b_axes = factor_axes(self.roles)
     dtype = jnp.promote_types(jnp.promote_types(self.a.dtype, self.b.dtype), jnp.float32)
-    prod = lowrank_product(
-        self.a.astype(dtype), a_axes, self.b.astype(dtype), b_axes, self.ndim
-    )
+    prod = lowrank_product(self.a.astype(dtype), a_axes, self.b.astype(dtype), b_axes, self.ndim)
     return self.scale * prod
 
   def merged(self, dtype: jnp.dtype | None = None) -> jax.Array:
     """``W + scale * B·A`` as one dense array, in ``dtype`` (default: ``w``'s dtype)."""
     dtype = self.w.dtype if dtype is None else dtype
     return (self.w.astype(jnp.promote_types(self.w.dtype, jnp.float32)) + self.delta()).astype(
-        dtype
+      dtype
     )
 
   def check(self, path: str) -> None:
     """Raises ``ValueError`` naming ``path`` if the factor shapes do not fit ``w``."""
     if len(self.roles) != self.w.ndim:
       raise ValueError(
-          f"LoRA leaf at {path!r}: roles {self.roles} must name every axis of the base "
-          f"weight of shape {self.shape}; got {len(self.roles)} roles for {self.w.ndim} axes."
+        f"LoRA leaf at {path!r}: roles {self.roles} must name every axis of the base "
+        f"weight of shape {self.shape}; got {len(self.roles)} roles for {self.w.ndim} axes."
       )
     a_shape, b_shape = factor_shapes(self.w.shape, self.roles, self.rank)
     if tuple(self.a.shape) != a_shape or tuple(self.b.shape) != b_shape:
       raise ValueError(
-          f"LoRA leaf at {path!r}: base weight of shape {self.shape} with layout {self.roles} "
-          f"and rank {self.rank} expects a of shape {a_shape} and b of shape {b_shape}; "
-          f"got a {tuple(self.a.shape)} and b {tuple(self.b.shape)}."
+        f"LoRA leaf at {path!r}: base weight of shape {self.shape} with layout {self.roles} "
+        f"and rank {self.rank} expects a of shape {a_shape} and b of shape {b_shape}; "
+        f"got a {tuple(self.a.shape)} and b {tuple(self.b.shape)}."
       )
 
 

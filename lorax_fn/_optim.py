@@ -19,11 +19,11 @@ class LoraOptState(NamedTuple):
 
 
 def optimizer(
-    tx: optax.GradientTransformation,
-    params: Any,
-    *,
-    trainable: _paths.Targets | None = None,
-    bias: str = "none",
+  tx: optax.GradientTransformation,
+  params: Any,
+  *,
+  trainable: _paths.Targets | None = None,
+  bias: str = "none",
 ) -> optax.GradientTransformation:
   """Wraps ``tx`` so that it updates the LoRA factors and the chosen extra leaves only.
 

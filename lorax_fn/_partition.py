@@ -14,7 +14,7 @@ _BIAS_MODES = ("none", "all", "lora_only")
 
 
 def trainable_mask(
-    params: Any, *, trainable: _paths.Targets | None = None, bias: str = "none"
+  params: Any, *, trainable: _paths.Targets | None = None, bias: str = "none"
 ) -> Any:
   """A pytree of bools, one per array leaf: ``True`` where the leaf is trained.
 
@@ -44,8 +44,8 @@ def trainable_mask(
     marks.append(on)
   if match is not None and not any(m is True for m in marks):
     raise ValueError(
-        f"trainable {trainable!r} matched no parameter; nearest available paths: "
-        f"{_near(trainable, paths)}"
+      f"trainable {trainable!r} matched no parameter; nearest available paths: "
+      f"{_near(trainable, paths)}"
     )
   return jax.tree_util.tree_unflatten(treedef, marks)
 
@@ -72,7 +72,7 @@ def _is_mask_leaf(x: Any) -> bool:
 
 
 def split(
-    params: Any, *, trainable: _paths.Targets | None = None, bias: str = "none"
+  params: Any, *, trainable: _paths.Targets | None = None, bias: str = "none"
 ) -> tuple[Any, Any]:
   """Splits ``params`` into ``(trainable, frozen)`` trees with ``None`` at the gaps.
 
@@ -104,13 +104,17 @@ def split(
 
 def partition(params: Any, mask: Any) -> tuple[Any, Any]:
   """Splits ``params`` by a :func:`trainable_mask` into ``(trainable, frozen)``."""
+
   def pick(keep: bool) -> Any:
     def one(m: Any, x: Any) -> Any:
       if is_lora(m):
         return dataclasses.replace(
-            x, **{f: getattr(x, f) if getattr(m, f) == keep else None for f in ("w", "a", "b")})
+          x, **{f: getattr(x, f) if getattr(m, f) == keep else None for f in ("w", "a", "b")}
+        )
       return x if m == keep else None
+
     return jax.tree.map(one, mask, params, is_leaf=_is_mask_leaf)
+
   return pick(True), pick(False)
 
 
@@ -122,10 +126,13 @@ def combine(*trees: Any) -> Any:
     >>> lora_fn.combine({"a": 1, "b": None}, {"a": None, "b": 2})
     {'a': 1, 'b': 2}
   """
+
   def first(*xs: Any) -> Any:
     if any(isinstance(x, LoraLeaf) for x in xs):
       leaves = [x for x in xs if isinstance(x, LoraLeaf)]
       return dataclasses.replace(
-          leaves[0], **{f: first(*(getattr(x, f) for x in leaves)) for f in ("w", "a", "b")})
+        leaves[0], **{f: first(*(getattr(x, f) for x in leaves)) for f in ("w", "a", "b")}
+      )
     return next((x for x in xs if x is not None), None)
+
   return jax.tree.map(first, *trees, is_leaf=lambda x: x is None or is_lora(x))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 
 # A target is a sequence of names, one regular expression, or a predicate.
-Targets = Union[Sequence[str], str, re.Pattern, Callable[[str, Any], bool]]
+Targets = Sequence[str] | str | re.Pattern | Callable[[str, Any], bool]
 
 # Leaf names that hold a weight matrix in Flax (linen and NNX) and in common plain-JAX trees.
 KERNEL_NAMES = ("kernel", "embedding", "w", "weight")
@@ -35,9 +35,9 @@ def path_str(path: Sequence[Any]) -> str:
   """Returns a key path as ``"a/b/c"``, dropping NNX ``Variable`` wrappers."""
   names = [_key_name(e) for e in path]
   while (
-      len(names) > 1
-      and isinstance(path[len(names) - 1], jax.tree_util.GetAttrKey)
-      and names[-1] in _VARIABLE_ATTRS
+    len(names) > 1
+    and isinstance(path[len(names) - 1], jax.tree_util.GetAttrKey)
+    and names[-1] in _VARIABLE_ATTRS
   ):
     names.pop()
   return "/".join(names)
@@ -69,7 +69,7 @@ def lookup_pattern(patterns: Mapping[str, Any] | None, path: str) -> Any:
 
 
 def make_matcher(
-    targets: Targets, kernel_names: Sequence[str] = KERNEL_NAMES
+  targets: Targets, kernel_names: Sequence[str] = KERNEL_NAMES
 ) -> Callable[[str, Any], bool]:
   """Builds a ``(path, leaf) -> bool`` predicate from a target specification.
 
@@ -89,8 +89,8 @@ def make_matcher(
     return match_regex
   if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
     raise TypeError(
-        "targets must be a sequence of names, a regex string or pattern, or a callable "
-        f"(path, leaf) -> bool; got: {targets!r}"
+      "targets must be a sequence of names, a regex string or pattern, or a callable "
+      f"(path, leaf) -> bool; got: {targets!r}"
     )
   if not targets:
     raise ValueError("targets must not be empty; got: ()")
@@ -114,5 +114,7 @@ def nearest_paths(target: str, paths: Sequence[str], n: int = 5) -> list[str]:
       by_component.setdefault(comp, p)
   near = difflib.get_close_matches(target, list(by_component), n=n, cutoff=0.5)
   out = [by_component[c] for c in near]
-  out += [p for p in difflib.get_close_matches(target, list(paths), n=n, cutoff=0.3) if p not in out]
+  out += [
+    p for p in difflib.get_close_matches(target, list(paths), n=n, cutoff=0.3) if p not in out
+  ]
   return out[:n] if out else list(paths[:n])

@@ -48,27 +48,32 @@ class LoraVal:
 
   def materialize(self) -> jax.Array:
     dtype = jnp.promote_types(self.a.dtype, self.w.dtype)
-    delta = lowrank_product(self.a.astype(dtype), self.a_axes, self.b.astype(dtype),
-                            self.b_axes, self.ndim)
+    delta = lowrank_product(
+      self.a.astype(dtype), self.a_axes, self.b.astype(dtype), self.b_axes, self.ndim
+    )
     return (self.w.astype(dtype) + self.scale * delta).astype(self.w.dtype)
 
   def labels(self) -> tuple[Labels, Labels]:
     """Factor labels with the rank axis as the label ``"r"``."""
-    return (tuple("r" if i is None else i for i in self.a_axes),
-            tuple("r" if i is None else i for i in self.b_axes))
+    return (
+      tuple("r" if i is None else i for i in self.a_axes),
+      tuple("r" if i is None else i for i in self.b_axes),
+    )
 
 
 jax.tree_util.register_dataclass(
-    LoraVal, data_fields=["w", "a", "b"],
-    meta_fields=["a_axes", "b_axes", "scale", "dropout"])
+  LoraVal, data_fields=["w", "a", "b"], meta_fields=["a_axes", "b_axes", "scale", "dropout"]
+)
 
 
 # ----------------------------------------------------------------------------------------
 # Contraction helper: two operands, labelled axes, 2-D matmuls where there are no batch axes.
 # ----------------------------------------------------------------------------------------
 
-def contract(x: jax.Array, xl: Labels, y: jax.Array, yl: Labels, keep: Sequence[Any],
-             precision: Any = None) -> tuple[jax.Array, Labels]:
+
+def contract(
+  x: jax.Array, xl: Labels, y: jax.Array, yl: Labels, keep: Sequence[Any], precision: Any = None
+) -> tuple[jax.Array, Labels]:
   """``einsum`` of two labelled operands, summing shared labels that are not in ``keep``.
 
   Without batch labels both operands are flattened to 2-D first: on XLA:CPU a skinny
@@ -82,8 +87,10 @@ def contract(x: jax.Array, xl: Labels, y: jax.Array, yl: Labels, keep: Sequence[
   xf = [l for l in xl if l not in yl]
   yf = [l for l in yl if l not in xl]
   if batch:
-    dims = (([xl.index(l) for l in summed], [yl.index(l) for l in summed]),
-            ([xl.index(l) for l in batch], [yl.index(l) for l in batch]))
+    dims = (
+      ([xl.index(l) for l in summed], [yl.index(l) for l in summed]),
+      ([xl.index(l) for l in batch], [yl.index(l) for l in batch]),
+    )
     return lax.dot_general(x, y, dims, precision=precision), tuple(batch + xf + yf)
   xs = [x.shape[xl.index(l)] for l in xf]
   ys = [y.shape[yl.index(l)] for l in yf]
@@ -115,6 +122,7 @@ def arrange(x: jax.Array, xl: Sequence[Any], order: Sequence[Any]) -> jax.Array:
 # View rules: the result is again a LoraVal.
 # ----------------------------------------------------------------------------------------
 
+
 def _bind(eqn: Any, *args: Any) -> Any:
   return eqn.primitive.bind(*args, **eqn.params)
 
@@ -130,8 +138,9 @@ def view_transpose(eqn: Any, v: LoraVal) -> LoraVal:
   perm = eqn.params["permutation"]
   new_of_old = {old: new for new, old in enumerate(perm)}
   relabel = lambda axes: tuple(None if i is None else new_of_old[i] for i in axes)  # noqa: E731
-  return dataclasses.replace(v, w=_bind(eqn, v.w), a_axes=relabel(v.a_axes),
-                             b_axes=relabel(v.b_axes))
+  return dataclasses.replace(
+    v, w=_bind(eqn, v.w), a_axes=relabel(v.a_axes), b_axes=relabel(v.b_axes)
+  )
 
 
 def view_identity(eqn: Any, v: LoraVal) -> LoraVal:
@@ -178,7 +187,7 @@ def _reshape_factor(f, axes, groups, new_shape):
       k += 1
       continue
     gi, gj = group_of[axes[k]]
-    if list(axes[k:k + len(gi)]) != gi:
+    if list(axes[k : k + len(gi)]) != gi:
       raise NotImplementedError  # the run mixes roles or is out of order in this factor
     out_axes += gj
     out_shape += [new_shape[j] for j in gj]
@@ -210,9 +219,11 @@ def view_squeeze(eqn: Any, v: LoraVal) -> LoraVal:
 
 def view_expand(eqn: Any, v: LoraVal) -> LoraVal:
   shape, bdims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
-  if list(bdims) != sorted(bdims) or any(
-      shape[j] != 1 for j in range(len(shape)) if j not in bdims) or any(
-      shape[bdims[i]] != d for i, d in enumerate(v.shape)):
+  if (
+    list(bdims) != sorted(bdims)
+    or any(shape[j] != 1 for j in range(len(shape)) if j not in bdims)
+    or any(shape[bdims[i]] != d for i, d in enumerate(v.shape))
+  ):
     raise NotImplementedError  # a real broadcast of the kernel
   return _reshape_view(v, shape, _bind(eqn, v.w))
 
@@ -224,8 +235,11 @@ def _slice_factor(f, axes, ax, fn):
 
 
 def view_slice(eqn: Any, v: LoraVal) -> LoraVal:
-  start, limit, strides = (eqn.params["start_indices"], eqn.params["limit_indices"],
-                           eqn.params["strides"])
+  start, limit, strides = (
+    eqn.params["start_indices"],
+    eqn.params["limit_indices"],
+    eqn.params["strides"],
+  )
   a, b = v.a, v.b
   for ax in range(v.ndim):
     if start[ax] == 0 and limit[ax] == v.shape[ax] and (strides is None or strides[ax] == 1):
@@ -248,17 +262,17 @@ def view_dynamic_slice(eqn: Any, v: LoraVal, *starts: Any) -> LoraVal:
 
 
 VIEW_RULES: dict[str, Callable[..., LoraVal]] = {
-    "convert_element_type": view_convert,
-    "transpose": view_transpose,
-    "reshape": view_reshape,
-    "squeeze": view_squeeze,
-    "broadcast_in_dim": view_expand,
-    "slice": view_slice,
-    "dynamic_slice": view_dynamic_slice,
-    "copy": view_identity,
-    "copy_p": view_identity,
-    "sharding_constraint": view_identity,
-    "optimization_barrier": view_identity,
+  "convert_element_type": view_convert,
+  "transpose": view_transpose,
+  "reshape": view_reshape,
+  "squeeze": view_squeeze,
+  "broadcast_in_dim": view_expand,
+  "slice": view_slice,
+  "dynamic_slice": view_dynamic_slice,
+  "copy": view_identity,
+  "copy_p": view_identity,
+  "sharding_constraint": view_identity,
+  "optimization_barrier": view_identity,
 }
 
 
@@ -318,8 +332,9 @@ def conv_rule(eqn: Any, lhs: Any, rhs: Any, dropout: Dropout) -> jax.Array:
   dtype = _compute_dtype(x, v)
   order = ["r" if i == out_feat else i for i in range(v.ndim)]
   a_kernel = arrange(v.a.astype(dtype), a_lab, order)
-  t = eqn.primitive.bind(dropout(x, v.dropout).astype(dtype), a_kernel,
-                         **(p | {"preferred_element_type": None}))
+  t = eqn.primitive.bind(
+    dropout(x, v.dropout).astype(dtype), a_kernel, **(p | {"preferred_element_type": None})
+  )
   t = t if v.scale == 1.0 else t * jnp.asarray(v.scale, t.dtype)
   feat = dn.out_spec[1]
   t_lab = tuple("r" if i == feat else ("t", i) for i in range(t.ndim))
@@ -337,15 +352,20 @@ def gather_rule(eqn: Any, operand: Any, indices: Any, dropout: Dropout) -> jax.A
   dn = p["dimension_numbers"]
   a_lab, b_lab = v.labels()
   outs = [l for l in b_lab if l != "r"]
-  if (dn.operand_batching_dims or len(outs) != 1 or set(a_lab) - {"r"} != set(dn.collapsed_slice_dims)
-      or p["slice_sizes"][outs[0]] != v.shape[outs[0]]):
+  if (
+    dn.operand_batching_dims
+    or len(outs) != 1
+    or set(a_lab) - {"r"} != set(dn.collapsed_slice_dims)
+    or p["slice_sizes"][outs[0]] != v.shape[outs[0]]
+  ):
     raise NotImplementedError
   out_ax = outs[0]
   base = _bind(eqn, v.w, indices)
   order = ["r" if i == out_ax else i for i in range(v.ndim)]
   a_table = arrange(v.a, a_lab, order)
-  sizes = tuple(v.a.shape[a_lab.index("r")] if i == out_ax else s
-                for i, s in enumerate(p["slice_sizes"]))
+  sizes = tuple(
+    v.a.shape[a_lab.index("r")] if i == out_ax else s for i, s in enumerate(p["slice_sizes"])
+  )
   rows = eqn.primitive.bind(a_table, indices, **(p | {"slice_sizes": sizes}))
   (off,) = dn.offset_dims
   r_lab = tuple("r" if i == off else ("g", i) for i in range(rows.ndim))
@@ -356,7 +376,7 @@ def gather_rule(eqn: Any, operand: Any, indices: Any, dropout: Dropout) -> jax.A
 
 
 COMPUTE_RULES: dict[str, Callable[..., jax.Array]] = {
-    "dot_general": dot_general_rule,
-    "conv_general_dilated": conv_rule,
-    "gather": gather_rule,
+  "dot_general": dot_general_rule,
+  "conv_general_dilated": conv_rule,
+  "gather": gather_rule,
 }

@@ -46,13 +46,20 @@ def summary(params: Any, *, trainable: _paths.Targets | None = None, bias: str =
   rows = [("path", "shape", "layout", "rank", "alpha", "params")]
   for path, x in flat:
     if is_lora(x):
-      rows.append((_paths.path_str(path), str(x.shape), "(" + ", ".join(x.roles) + ")",
-                   str(x.rank), f"{x.alpha:g}" if x.alpha != int(x.alpha) else f"{x.alpha:.1f}",
-                   f"{_size(x.a) + _size(x.b):,}"))
+      rows.append(
+        (
+          _paths.path_str(path),
+          str(x.shape),
+          "(" + ", ".join(x.roles) + ")",
+          str(x.rank),
+          f"{x.alpha:g}" if x.alpha != int(x.alpha) else f"{x.alpha:.1f}",
+          f"{_size(x.a) + _size(x.b):,}",
+        )
+      )
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   right = (False, False, False, True, True, True)
   table = [
-      "  ".join(c.rjust(w) if rj else c.ljust(w) for c, w, rj in zip(r, widths, right)).rstrip()
-      for r in rows
+    "  ".join(c.rjust(w) if rj else c.ljust(w) for c, w, rj in zip(r, widths, right)).rstrip()
+    for r in rows
   ]
   return "\n".join([line, *table])

@@ -50,10 +50,10 @@ def default_layout(path: str, shape: Sequence[int]) -> Layout:
   if ndim == 4 and parts[-1] == "kernel":
     return ("in", "in", "in", "out")
   raise ValueError(
-      f"the layout of the {ndim}-D kernel at {path!r} with shape {tuple(shape)} is "
-      "ambiguous (a DenseGeneral, an nn.scan-stacked layer or a Conv?); pass "
-      f"layouts={{{path!r}: (...)}} with one of {ROLES} per axis, or "
-      "layouts=lorax_fn.infer_layouts(apply_fn, params, *example_inputs)."
+    f"the layout of the {ndim}-D kernel at {path!r} with shape {tuple(shape)} is "
+    "ambiguous (a DenseGeneral, an nn.scan-stacked layer or a Conv?); pass "
+    f"layouts={{{path!r}: (...)}} with one of {ROLES} per axis, or "
+    "layouts=lorax_fn.infer_layouts(apply_fn, params, *example_inputs)."
   )
 
 
@@ -61,18 +61,18 @@ def _check_layout(path: str, shape: Sequence[int], layout: Any) -> Layout:
   layout = tuple(layout)
   if len(layout) != len(shape) or any(r not in ROLES for r in layout):
     raise ValueError(
-        f"layout for {path!r} must give one of {ROLES} for each of the {len(shape)} axes "
-        f"of shape {tuple(shape)}; got: {layout!r}"
+      f"layout for {path!r} must give one of {ROLES} for each of the {len(shape)} axes "
+      f"of shape {tuple(shape)}; got: {layout!r}"
     )
   if "in" not in layout or "out" not in layout:
     raise ValueError(
-        f"layout for {path!r} needs at least one 'in' and one 'out' axis; got: {layout!r}"
+      f"layout for {path!r} needs at least one 'in' and one 'out' axis; got: {layout!r}"
     )
   return layout
 
 
 def _init_factors(
-    key: jax.Array, path: str, leaf: jax.Array, layout: Layout, rank: int, init: str, dtype: Any
+  key: jax.Array, path: str, leaf: jax.Array, layout: Layout, rank: int, init: str, dtype: Any
 ) -> tuple[jax.Array, jax.Array]:
   a_shape, b_shape = factor_shapes(leaf.shape, layout, rank)
   fan_in = math.prod(d for d, r in zip(leaf.shape, layout) if r == "in")
@@ -93,20 +93,20 @@ def _flatten(params: Any) -> tuple[list[tuple[str, Any]], Any]:
 
 
 def wrap(
-    params: Any,
-    *,
-    rank: int = 8,
-    targets: _paths.Targets,
-    key: jax.Array,
-    alpha: float | None = None,
-    init: str = "kaiming",
-    dtype: Any = None,
-    rslora: bool = False,
-    dropout: float = 0.0,
-    rank_pattern: Mapping[str, int] | None = None,
-    alpha_pattern: Mapping[str, float] | None = None,
-    layouts: Mapping[str, Sequence[str]] | None = None,
-    kernel_names: Sequence[str] = _paths.KERNEL_NAMES,
+  params: Any,
+  *,
+  rank: int = 8,
+  targets: _paths.Targets,
+  key: jax.Array,
+  alpha: float | None = None,
+  init: str = "kaiming",
+  dtype: Any = None,
+  rslora: bool = False,
+  dropout: float = 0.0,
+  rank_pattern: Mapping[str, int] | None = None,
+  alpha_pattern: Mapping[str, float] | None = None,
+  layouts: Mapping[str, Sequence[str]] | None = None,
+  kernel_names: Sequence[str] = _paths.KERNEL_NAMES,
 ) -> Any:
   """Replaces each targeted kernel of ``params`` by a :class:`LoraLeaf`.
 
@@ -159,9 +159,16 @@ def wrap(
   for k, i in zip(keys, selected):
     path, leaf = flat[i]
     out[i] = _wrap_leaf(
-        k, path, leaf, rank=_paths.lookup_pattern(rank_pattern, path) or rank,
-        alpha=_paths.lookup_pattern(alpha_pattern, path) or alpha, init=init, dtype=dtype,
-        rslora=rslora, dropout=dropout, layout=_paths.lookup_pattern(layouts, path),
+      k,
+      path,
+      leaf,
+      rank=_paths.lookup_pattern(rank_pattern, path) or rank,
+      alpha=_paths.lookup_pattern(alpha_pattern, path) or alpha,
+      init=init,
+      dtype=dtype,
+      rslora=rslora,
+      dropout=dropout,
+      layout=_paths.lookup_pattern(layouts, path),
     )
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -173,14 +180,22 @@ def _raise_no_match(targets: Any, paths: list[str]) -> None:
     for t in names:
       near += [p for p in _paths.nearest_paths(str(t), paths) if p not in near]
   raise ValueError(
-      f"targets {targets!r} matched no parameter; nearest available paths: "
-      f"{near[:8] or paths[:8]}"
+    f"targets {targets!r} matched no parameter; nearest available paths: {near[:8] or paths[:8]}"
   )
 
 
 def _wrap_leaf(
-    key: jax.Array, path: str, leaf: Any, *, rank: int, alpha: float | None, init: str,
-    dtype: Any, rslora: bool, dropout: float, layout: Sequence[str] | None,
+  key: jax.Array,
+  path: str,
+  leaf: Any,
+  *,
+  rank: int,
+  alpha: float | None,
+  init: str,
+  dtype: Any,
+  rslora: bool,
+  dropout: float,
+  layout: Sequence[str] | None,
 ) -> LoraLeaf:
   if is_lora(leaf):
     raise ValueError(f"the leaf at {path!r} is already a LoRA leaf; wrap it only once.")
@@ -189,7 +204,7 @@ def _wrap_leaf(
     raise TypeError(f"the targeted leaf at {path!r} must be a float array; got: {got}")
   if leaf.ndim < 2:
     raise ValueError(
-        f"the targeted leaf at {path!r} must have at least 2 axes; got shape {leaf.shape}"
+      f"the targeted leaf at {path!r} must have at least 2 axes; got shape {leaf.shape}"
     )
   layout = default_layout(path, leaf.shape) if layout is None else layout
   layout = _check_layout(path, leaf.shape, layout)
@@ -199,8 +214,8 @@ def _wrap_leaf(
   n_out = math.prod(d for d, r in zip(leaf.shape, layout) if r == "out")
   if rank > min(n_in, n_out):
     raise ValueError(
-        f"rank for {path!r} must be at most min(in, out) = min({n_in}, {n_out}) for a kernel "
-        f"of shape {tuple(leaf.shape)} with layout {layout}; got: {rank}"
+      f"rank for {path!r} must be at most min(in, out) = min({n_in}, {n_out}) for a kernel "
+      f"of shape {tuple(leaf.shape)} with layout {layout}; got: {rank}"
     )
   if dtype is None:
     dtype = jnp.float32 if jnp.finfo(leaf.dtype).bits < 32 else leaf.dtype

@@ -30,6 +30,7 @@ def explicit_merge(params):
     if lora_fn.is_lora(x):
       return (np.asarray(x.w, np.float64) + explicit_delta(x)).astype(np.asarray(x.w).dtype)
     return x
+
   return jax.tree.map(one, params, is_leaf=lora_fn.is_lora)
 
 
@@ -42,8 +43,11 @@ def randomize(params, key, scale=0.5):
     if not lora_fn.is_lora(x):
       return x
     return dataclasses.replace(
-        x, a=scale * jax.random.normal(next(keys), x.a.shape, x.a.dtype),
-        b=scale * jax.random.normal(next(keys), x.b.shape, x.b.dtype))
+      x,
+      a=scale * jax.random.normal(next(keys), x.a.shape, x.a.dtype),
+      b=scale * jax.random.normal(next(keys), x.b.shape, x.b.dtype),
+    )
+
   return jax.tree.map(one, params, is_leaf=lora_fn.is_lora)
 
 
@@ -65,5 +69,4 @@ def assert_trees_equal(actual, expected):
   flat_e = jax.tree.leaves(expected)
   assert len(flat_a) == len(flat_e)
   for (path, a), e in zip(flat_a, flat_e):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(e),
-                                  err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=jax.tree_util.keystr(path))

@@ -5,9 +5,22 @@ import lorax_fn
 
 def test_public_names():
   assert sorted(lorax_fn.__all__) == [
-      "Layout", "LoraLeaf", "LoraOptState", "MaterializeWarning", "combine", "default_layout",
-      "infer_layouts", "is_lora", "lora", "merge", "optimizer", "split", "summary",
-      "trainable_mask", "unwrap", "wrap",
+    "Layout",
+    "LoraLeaf",
+    "LoraOptState",
+    "MaterializeWarning",
+    "combine",
+    "default_layout",
+    "infer_layouts",
+    "is_lora",
+    "lora",
+    "merge",
+    "optimizer",
+    "split",
+    "summary",
+    "trainable_mask",
+    "unwrap",
+    "wrap",
   ]
   for name in lorax_fn.__all__:
     assert getattr(lorax_fn, name).__doc__, name

@@ -20,8 +20,9 @@ class _Model(nn.Module):
       def __call__(self, h, _):
         return h + nn.MultiHeadDotProductAttention(num_heads=2)(h), None
 
-    x = nn.scan(nn.remat(Layer), variable_axes={"params": 0}, split_rngs={"params": True},
-                length=2)()(x, None)[0]
+    x = nn.scan(
+      nn.remat(Layer), variable_axes={"params": 0}, split_rngs={"params": True}, length=2
+    )()(x, None)[0]
     return emb.attend(x)
 
 
@@ -31,13 +32,13 @@ def test_infers_every_kind():
   layouts = lora_fn.infer_layouts(_Model().apply, params, ids, img)
   attn = "params/ScanCheckpointLayer_0/MultiHeadDotProductAttention_0"
   assert layouts == {
-      "params/Embed_0/embedding": ("in", "out"),
-      "params/Conv_0/kernel": ("in", "in", "in", "out"),
-      "params/heads/kernel": ("in", "out", "out"),
-      f"{attn}/query/kernel": ("stack", "in", "out", "out"),
-      f"{attn}/key/kernel": ("stack", "in", "out", "out"),
-      f"{attn}/value/kernel": ("stack", "in", "out", "out"),
-      f"{attn}/out/kernel": ("stack", "in", "in", "out"),
+    "params/Embed_0/embedding": ("in", "out"),
+    "params/Conv_0/kernel": ("in", "in", "in", "out"),
+    "params/heads/kernel": ("in", "out", "out"),
+    f"{attn}/query/kernel": ("stack", "in", "out", "out"),
+    f"{attn}/key/kernel": ("stack", "in", "out", "out"),
+    f"{attn}/value/kernel": ("stack", "in", "out", "out"),
+    f"{attn}/out/kernel": ("stack", "in", "in", "out"),
   }
 
 

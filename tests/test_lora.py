@@ -43,12 +43,20 @@ def _case(name):
   if name == "dense":
     return (*_linen(nn.Dense(7), x), (x,), ("kernel",), None)
   if name == "dense_general_in":  # (in, heads, head_dim), like attention q/k/v
-    return (*_linen(nn.DenseGeneral((2, 3), axis=-1), x), (x,), ("kernel",),
-            {"kernel": ("in", "out", "out")})
+    return (
+      *_linen(nn.DenseGeneral((2, 3), axis=-1), x),
+      (x,),
+      ("kernel",),
+      {"kernel": ("in", "out", "out")},
+    )
   if name == "dense_general_out":  # (heads, head_dim, out), like the attention output
     x4 = jax.random.normal(K(1), (2, 3, 2, 5))
-    return (*_linen(nn.DenseGeneral(7, axis=(-2, -1)), x4), (x4,), ("kernel",),
-            {"kernel": ("in", "in", "out")})
+    return (
+      *_linen(nn.DenseGeneral(7, axis=(-2, -1)), x4),
+      (x4,),
+      ("kernel",),
+      {"kernel": ("in", "in", "out")},
+    )
   if name == "einsum":
     m = nn.Einsum((5, 2, 7), "btd,dhk->bthk")
     return (*_linen(m, x), (x,), ("kernel",), {"kernel": ("in", "out", "out")})
@@ -79,24 +87,38 @@ def _case(name):
     return fn, params, (x,), ("w",), None
   if name == "transposed_reshaped":
     params = {"w": jax.random.normal(K(0), (7, 2, 3))}  # (out, heads, head_dim) stored
+
     def fn(p, x):
       return x.reshape(2, 3, 6) @ jnp.transpose(p["w"], (1, 2, 0)).reshape(6, 7)
+
     xs = jax.random.normal(K(1), (2, 3, 2, 3))
     return fn, params, (xs,), ("w",), {"w": ("out", "in", "in")}
   raise KeyError(name)
 
 
-CASES = ["dense", "dense_general_in", "dense_general_out", "einsum", "einsum_two_contracting",
-         "conv2d", "conv1d", "embed", "scan_stacked", "vmap_stacked", "kernel_on_left",
-         "transposed_reshaped"]
+CASES = [
+  "dense",
+  "dense_general_in",
+  "dense_general_out",
+  "einsum",
+  "einsum_two_contracting",
+  "conv2d",
+  "conv1d",
+  "embed",
+  "scan_stacked",
+  "vmap_stacked",
+  "kernel_on_left",
+  "transposed_reshaped",
+]
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("name", CASES)
 def test_lora_matches_merge_and_formula(name, jit):
   fn, params, inputs, targets, layouts = _case(name)
-  wrapped = randomize(lora_fn.wrap(params, rank=2, alpha=3.0, targets=targets, layouts=layouts,
-                                   key=K(2)), K(3))
+  wrapped = randomize(
+    lora_fn.wrap(params, rank=2, alpha=3.0, targets=targets, layouts=layouts, key=K(2)), K(3)
+  )
   run = lora_fn.lora(fn)
   with _no_materialize():
     out = (jax.jit(run) if jit else run)(wrapped, *inputs)
@@ -131,15 +153,17 @@ def test_bf16_compute_follows_the_model_cast():
   with _no_materialize():
     got = jax.jit(lora_fn.lora(fn))(wrapped, x)
   assert got.dtype == jnp.bfloat16
-  assert_trees_close(got.astype(jnp.float32), fn(explicit_merge(wrapped), x).astype(jnp.float32),
-                     rtol=2e-2)
+  assert_trees_close(
+    got.astype(jnp.float32), fn(explicit_merge(wrapped), x).astype(jnp.float32), rtol=2e-2
+  )
 
 
 @pytest.mark.parametrize("name", ["dense", "conv2d", "embed", "scan_stacked", "einsum"])
 def test_gradients_match_merged(name):
   fn, params, inputs, targets, layouts = _case(name)
-  wrapped = randomize(lora_fn.wrap(params, rank=2, targets=targets, layouts=layouts, key=K(2)),
-                      K(3))
+  wrapped = randomize(
+    lora_fn.wrap(params, rank=2, targets=targets, layouts=layouts, key=K(2)), K(3)
+  )
   trainable, frozen = lora_fn.split(wrapped)
 
   def loss(apply, t):
@@ -157,8 +181,7 @@ def test_higher_order_primitives():
     w = p["w"]
     h = jax.checkpoint(lambda h: jnp.tanh(h @ w))(x)
     h = jax.lax.cond(i > 0, lambda h: h @ w, lambda h: -(h @ w.T), h)
-    h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)),
-                           (0, h))[1]
+    h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)), (0, h))[1]
     h = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), h, None, length=2)[0]
     return jax.jit(lambda h: h @ w)(h)
 
@@ -216,15 +239,20 @@ def test_dropout_is_keyed_and_off_without_key():
 def test_shape_mismatch_is_an_error_naming_the_path():
   wrapped = lora_fn.wrap({"layer": {"w": jnp.ones((5, 7))}}, rank=2, targets=("w",), key=K(0))
   import dataclasses
+
   bad = {"layer": {"w": dataclasses.replace(wrapped["layer"]["w"], a=jnp.ones((5, 3)))}}
-  with pytest.raises(ValueError, match=r"LoRA leaf at 'arg 0/layer/w'.*expects a of shape "
-                                       r"\(5, 2\).*got a \(5, 3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"LoRA leaf at 'arg 0/layer/w'.*expects a of shape "
+    r"\(5, 2\).*got a \(5, 3\)",
+  ):
     lora_fn.lora(lambda p, x: x @ p["layer"]["w"])(bad, jnp.ones((2, 5)))
 
 
 class _no_materialize:
   def __enter__(self):
     import warnings
+
     self._ctx = warnings.catch_warnings()
     self._ctx.__enter__()
     warnings.simplefilter("error", lora_fn.MaterializeWarning)

@@ -10,8 +10,10 @@ import lorax_fn as lora_fn
 
 
 def _wrapped():
-  params = {"dense": {"kernel": jnp.ones((5, 7)), "bias": jnp.zeros(7)},
-            "head": {"kernel": jnp.ones((7, 3)), "bias": jnp.zeros(3)}}
+  params = {
+    "dense": {"kernel": jnp.ones((5, 7)), "bias": jnp.zeros(7)},
+    "head": {"kernel": jnp.ones((7, 3)), "bias": jnp.zeros(3)},
+  }
   return lora_fn.wrap(params, rank=2, targets=("dense",), key=jax.random.key(0))
 
 

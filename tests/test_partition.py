@@ -10,10 +10,12 @@ import lorax_fn as lora_fn
 
 def _wrapped():
   params = {
-      "body": {"dense": {"kernel": jnp.ones((5, 7)), "bias": jnp.zeros(7)},
-               "other": {"kernel": jnp.ones((7, 7)), "bias": jnp.zeros(7)}},
-      "head": {"kernel": jnp.ones((7, 3)), "bias": jnp.zeros(3)},
-      "ids": [jnp.arange(3), (jnp.ones(2),)],
+    "body": {
+      "dense": {"kernel": jnp.ones((5, 7)), "bias": jnp.zeros(7)},
+      "other": {"kernel": jnp.ones((7, 7)), "bias": jnp.zeros(7)},
+    },
+    "head": {"kernel": jnp.ones((7, 3)), "bias": jnp.zeros(3)},
+    "ids": [jnp.arange(3), (jnp.ones(2),)],
   }
   return lora_fn.wrap(params, rank=2, targets=("dense",), key=jax.random.key(0))
 
@@ -23,18 +25,43 @@ def _trained_paths(tree):
   return sorted(jax.tree_util.keystr(p) for p, _ in flat)
 
 
-@pytest.mark.parametrize("kwargs, expected", [
+@pytest.mark.parametrize(
+  "kwargs, expected",
+  [
     ({}, ["['body']['dense']['kernel'].a", "['body']['dense']['kernel'].b"]),
-    ({"trainable": ("head",)}, ["['body']['dense']['kernel'].a", "['body']['dense']['kernel'].b",
-                                "['head']['bias']", "['head']['kernel']"]),
-    ({"bias": "lora_only"}, ["['body']['dense']['bias']", "['body']['dense']['kernel'].a",
-                             "['body']['dense']['kernel'].b"]),
-    ({"bias": "all"}, ["['body']['dense']['bias']", "['body']['dense']['kernel'].a",
-                       "['body']['dense']['kernel'].b", "['body']['other']['bias']",
-                       "['head']['bias']"]),
-    ({"trainable": r"head/kernel"}, ["['body']['dense']['kernel'].a",
-                                     "['body']['dense']['kernel'].b", "['head']['kernel']"]),
-])
+    (
+      {"trainable": ("head",)},
+      [
+        "['body']['dense']['kernel'].a",
+        "['body']['dense']['kernel'].b",
+        "['head']['bias']",
+        "['head']['kernel']",
+      ],
+    ),
+    (
+      {"bias": "lora_only"},
+      [
+        "['body']['dense']['bias']",
+        "['body']['dense']['kernel'].a",
+        "['body']['dense']['kernel'].b",
+      ],
+    ),
+    (
+      {"bias": "all"},
+      [
+        "['body']['dense']['bias']",
+        "['body']['dense']['kernel'].a",
+        "['body']['dense']['kernel'].b",
+        "['body']['other']['bias']",
+        "['head']['bias']",
+      ],
+    ),
+    (
+      {"trainable": r"head/kernel"},
+      ["['body']['dense']['kernel'].a", "['body']['dense']['kernel'].b", "['head']['kernel']"],
+    ),
+  ],
+)
 def test_split_selects(kwargs, expected):
   p = _wrapped()
   trainable, frozen = lora_fn.split(p, **kwargs)
@@ -57,12 +84,23 @@ def test_split_is_jittable_and_grad_skips_frozen():
   assert _trained_paths(g) == ["['body']['dense']['kernel'].a", "['body']['dense']['kernel'].b"]
 
 
-@pytest.mark.parametrize("kwargs, exc, regex", [
-    ({"bias": "some"}, ValueError, r"bias must be one of \('none', 'all', 'lora_only'\); "
-                                   r"got: 'some'"),
-    ({"trainable": ("haed",)}, ValueError, r"trainable \('haed',\) matched no parameter; "
-                                           r"nearest available paths: \['head/"),
-])
+@pytest.mark.parametrize(
+  "kwargs, exc, regex",
+  [
+    (
+      {"bias": "some"},
+      ValueError,
+      r"bias must be one of \('none', 'all', 'lora_only'\); "
+      r"got: 'some'",
+    ),
+    (
+      {"trainable": ("haed",)},
+      ValueError,
+      r"trainable \('haed',\) matched no parameter; "
+      r"nearest available paths: \['head/",
+    ),
+  ],
+)
 def test_split_errors(kwargs, exc, regex):
   with pytest.raises(exc, match=regex):
     lora_fn.split(_wrapped(), **kwargs)

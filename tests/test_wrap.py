@@ -20,16 +20,16 @@ K = jax.random.key
 
 def _params():
   return {
-      "enc": {
-          "query": {"kernel": jnp.ones((5, 2, 3)), "bias": jnp.zeros((2, 3))},
-          "value": {"kernel": jnp.ones((5, 2, 3)), "bias": jnp.zeros((2, 3))},
-          "out": {"kernel": jnp.ones((2, 3, 5)), "bias": jnp.zeros(5)},
-          "mlp": {"kernel": jnp.ones((5, 11)), "bias": jnp.zeros(11)},
-          "norm": {"scale": jnp.ones(5)},
-      },
-      "conv": {"kernel": jnp.ones((3, 3, 5, 7))},
-      "tok": {"embedding": jnp.ones((13, 5))},
-      "step": jnp.zeros((), jnp.int32),
+    "enc": {
+      "query": {"kernel": jnp.ones((5, 2, 3)), "bias": jnp.zeros((2, 3))},
+      "value": {"kernel": jnp.ones((5, 2, 3)), "bias": jnp.zeros((2, 3))},
+      "out": {"kernel": jnp.ones((2, 3, 5)), "bias": jnp.zeros(5)},
+      "mlp": {"kernel": jnp.ones((5, 11)), "bias": jnp.zeros(11)},
+      "norm": {"scale": jnp.ones(5)},
+    },
+    "conv": {"kernel": jnp.ones((3, 3, 5, 7))},
+    "tok": {"embedding": jnp.ones((13, 5))},
+    "step": jnp.zeros((), jnp.int32),
   }
 
 
@@ -37,14 +37,17 @@ def _lora_paths(p):
   return sorted(lora_fn._wrap.lora_paths(p))
 
 
-@pytest.mark.parametrize("targets, expected", [
+@pytest.mark.parametrize(
+  "targets, expected",
+  [
     (("query", "value"), ["enc/query/kernel", "enc/value/kernel"]),
     (("enc",), ["enc/mlp/kernel", "enc/out/kernel", "enc/query/kernel", "enc/value/kernel"]),
     (r"enc/(query|out)/kernel", ["enc/out/kernel", "enc/query/kernel"]),
     (re.compile(r".*embedding"), ["tok/embedding"]),
     (lambda path, leaf: leaf.ndim == 4, ["conv/kernel"]),
     (("conv", "tok"), ["conv/kernel", "tok/embedding"]),
-])
+  ],
+)
 def test_target_forms(targets, expected):
   assert _lora_paths(lora_fn.wrap(_params(), rank=2, targets=targets, key=K(0))) == expected
 
@@ -63,16 +66,23 @@ def test_default_layouts_and_factor_shapes():
 
 
 def test_stacked_attention_default_layout():
-  p = lora_fn.wrap({"layers": {"query": {"kernel": jnp.ones((3, 5, 2, 7))}}}, rank=2,
-                   targets=("query",), key=K(0))
+  p = lora_fn.wrap(
+    {"layers": {"query": {"kernel": jnp.ones((3, 5, 2, 7))}}}, rank=2, targets=("query",), key=K(0)
+  )
   leaf = p["layers"]["query"]["kernel"]
   assert (leaf.roles, leaf.a.shape, leaf.b.shape) == (
-      ("stack", "in", "out", "out"), (3, 5, 2), (3, 2, 2, 7))
+    ("stack", "in", "out", "out"),
+    (3, 5, 2),
+    (3, 2, 2, 7),
+  )
 
 
 def test_init_matches_peft():
-  big = {"a": {"kernel": jnp.ones((400, 300))}, "b": {"kernel": jnp.ones((400, 300))},
-         "tok": {"embedding": jnp.ones((50, 40))}}
+  big = {
+    "a": {"kernel": jnp.ones((400, 300))},
+    "b": {"kernel": jnp.ones((400, 300))},
+    "tok": {"embedding": jnp.ones((50, 40))},
+  }
   p = lora_fn.wrap(big, rank=8, targets=("a", "tok"), key=K(0))
   a = np.asarray(p["a"]["kernel"].a)
   bound = 1 / math.sqrt(400)
@@ -89,8 +99,14 @@ def test_init_matches_peft():
 
 
 def test_scaling_alpha_rslora_and_patterns():
-  p = lora_fn.wrap(_params(), rank=4, targets=("query", "value", "mlp"), key=K(0),
-                   rank_pattern={"value": 2}, alpha_pattern={"enc/mlp": 16.0})
+  p = lora_fn.wrap(
+    _params(),
+    rank=4,
+    targets=("query", "value", "mlp"),
+    key=K(0),
+    rank_pattern={"value": 2},
+    alpha_pattern={"enc/mlp": 16.0},
+  )
   q, v, m = (p["enc"][n]["kernel"] for n in ("query", "value", "mlp"))
   assert (q.rank, q.alpha, q.scale) == (4, 4.0, 1.0)
   assert (v.rank, v.alpha, v.a.shape) == (2, 2.0, (5, 2))  # alpha=None: alpha = its own rank
@@ -114,8 +130,9 @@ def test_merge_and_unwrap():
   assert_trees_equal(lora_fn.unwrap(p), base)
   merged = lora_fn.merge(p)
   assert jax.tree.structure(merged) == jax.tree.structure(base)
-  np.testing.assert_allclose(merged["enc"]["out"]["kernel"],
-                             explicit_merge(p)["enc"]["out"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(
+    merged["enc"]["out"]["kernel"], explicit_merge(p)["enc"]["out"]["kernel"], rtol=1e-6
+  )
   assert jax.tree.map(lambda x: x.dtype, merged) == jax.tree.map(lambda x: x.dtype, base)
 
 
@@ -134,8 +151,9 @@ def test_nnx_state():
   p = randomize(p, K(1))
   x = jax.random.normal(K(2), (4, 5))
   run = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
-  np.testing.assert_allclose(jax.jit(lora_fn.lora(run))(p, x), run(lora_fn.merge(p), x),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    jax.jit(lora_fn.lora(run))(p, x), run(lora_fn.merge(p), x), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_linen_module_names_target_kernels_not_biases():
@@ -148,32 +166,76 @@ def test_linen_module_names_target_kernels_not_biases():
 
 # Every error, with its message (chex style: name, kwargs, exception, regex).
 ERRORS = [
-    ("no_match", dict(targets=("qeury",)), ValueError,
-     r"targets \('qeury',\) matched no parameter; nearest available paths: "
-     r"\['enc/query/kernel'"),
-    ("no_match_regex", dict(targets=r"decoder/.*"), ValueError, r"matched no parameter"),
-    ("rank_zero", dict(targets=("mlp",), rank=0), ValueError,
-     r"rank for 'enc/mlp/kernel' must be a positive int; got: 0"),
-    ("rank_too_big", dict(targets=("mlp",), rank=6), ValueError,
-     r"rank for 'enc/mlp/kernel' must be at most min\(in, out\) = min\(5, 11\).*got: 6"),
-    ("rank_pattern_too_big", dict(targets=("query",), rank_pattern={"query": 7}), ValueError,
-     r"rank for 'enc/query/kernel' must be at most min\(in, out\) = min\(5, 6\)"),
-    ("non_float", dict(targets=lambda path, leaf: path == "step"), TypeError,
-     r"targeted leaf at 'step' must be a float array; got: int32"),
-    ("one_dim", dict(targets=r"enc/norm/scale"), ValueError,
-     r"targeted leaf at 'enc/norm/scale' must have at least 2 axes"),
-    ("unknown_init", dict(targets=("mlp",), init="pissa"), ValueError,
-     r"init must be one of \('kaiming', 'gaussian'\); got: 'pissa'"),
-    ("bad_dropout", dict(targets=("mlp",), dropout=1.0), ValueError,
-     r"dropout must be in \[0, 1\); got: 1.0"),
-    ("bad_layout", dict(targets=("mlp",), layouts={"mlp": ("in", "in", "out")}), ValueError,
-     r"layout for 'enc/mlp/kernel' must give one of \('in', 'out', 'stack'\) for each of "
-     r"the 2 axes"),
-    ("no_out_axis", dict(targets=("mlp",), layouts={"mlp": ("in", "stack")}), ValueError,
-     r"layout for 'enc/mlp/kernel' needs at least one 'in' and one 'out' axis"),
-    ("bad_targets_type", dict(targets=[1, 2]), TypeError,
-     r"targets must be a sequence of names, a regex string or pattern, or a callable"),
-    ("empty_targets", dict(targets=()), ValueError, r"targets must not be empty"),
+  (
+    "no_match",
+    dict(targets=("qeury",)),
+    ValueError,
+    r"targets \('qeury',\) matched no parameter; nearest available paths: "
+    r"\['enc/query/kernel'",
+  ),
+  ("no_match_regex", dict(targets=r"decoder/.*"), ValueError, r"matched no parameter"),
+  (
+    "rank_zero",
+    dict(targets=("mlp",), rank=0),
+    ValueError,
+    r"rank for 'enc/mlp/kernel' must be a positive int; got: 0",
+  ),
+  (
+    "rank_too_big",
+    dict(targets=("mlp",), rank=6),
+    ValueError,
+    r"rank for 'enc/mlp/kernel' must be at most min\(in, out\) = min\(5, 11\).*got: 6",
+  ),
+  (
+    "rank_pattern_too_big",
+    dict(targets=("query",), rank_pattern={"query": 7}),
+    ValueError,
+    r"rank for 'enc/query/kernel' must be at most min\(in, out\) = min\(5, 6\)",
+  ),
+  (
+    "non_float",
+    dict(targets=lambda path, leaf: path == "step"),
+    TypeError,
+    r"targeted leaf at 'step' must be a float array; got: int32",
+  ),
+  (
+    "one_dim",
+    dict(targets=r"enc/norm/scale"),
+    ValueError,
+    r"targeted leaf at 'enc/norm/scale' must have at least 2 axes",
+  ),
+  (
+    "unknown_init",
+    dict(targets=("mlp",), init="pissa"),
+    ValueError,
+    r"init must be one of \('kaiming', 'gaussian'\); got: 'pissa'",
+  ),
+  (
+    "bad_dropout",
+    dict(targets=("mlp",), dropout=1.0),
+    ValueError,
+    r"dropout must be in \[0, 1\); got: 1.0",
+  ),
+  (
+    "bad_layout",
+    dict(targets=("mlp",), layouts={"mlp": ("in", "in", "out")}),
+    ValueError,
+    r"layout for 'enc/mlp/kernel' must give one of \('in', 'out', 'stack'\) for each of "
+    r"the 2 axes",
+  ),
+  (
+    "no_out_axis",
+    dict(targets=("mlp",), layouts={"mlp": ("in", "stack")}),
+    ValueError,
+    r"layout for 'enc/mlp/kernel' needs at least one 'in' and one 'out' axis",
+  ),
+  (
+    "bad_targets_type",
+    dict(targets=[1, 2]),
+    TypeError,
+    r"targets must be a sequence of names, a regex string or pattern, or a callable",
+  ),
+  ("empty_targets", dict(targets=()), ValueError, r"targets must not be empty"),
 ]
 
 
@@ -185,10 +247,12 @@ def test_errors(name, kwargs, exc, regex):
 
 
 def test_ambiguous_layout_is_an_error():
-  with pytest.raises(ValueError, match=r"the layout of the 3-D kernel at 'stack/kernel' with "
-                                       r"shape \(3, 5, 7\) is ambiguous.*infer_layouts"):
-    lora_fn.wrap({"stack": {"kernel": jnp.ones((3, 5, 7))}}, rank=2, targets=("stack",),
-                 key=K(0))
+  with pytest.raises(
+    ValueError,
+    match=r"the layout of the 3-D kernel at 'stack/kernel' with "
+    r"shape \(3, 5, 7\) is ambiguous.*infer_layouts",
+  ):
+    lora_fn.wrap({"stack": {"kernel": jnp.ones((3, 5, 7))}}, rank=2, targets=("stack",), key=K(0))
 
 
 def test_wrapping_twice_is_an_error():
