@@ -18,14 +18,15 @@ ROLES = ("in", "out", "stack")
 def factor_axes(roles: Sequence[str]) -> tuple[tuple[int | None, ...], tuple[int | None, ...]]:
   """Which kernel axis each axis of ``a`` and ``b`` stands for (``None``: the rank axis).
 
-  ``a`` is laid out ``stack + in + (rank,)`` and ``b`` is ``stack + (rank,) + out``, each
-  group in the kernel's axis order, so that ``W + s * einsum(a, b)`` needs no transpose
-  for the common layouts (Dense ``(in, out)``, Conv ``(kh, kw, in, out)``).
+  ``a`` is laid out ``stack + (rank,) + in`` and ``b`` is ``stack + (rank,) + out``, each
+  group in the kernel's axis order: rank-first, like PEFT's ``lora_A (r, in)``. On XLA:CPU
+  this orientation makes the adapter gradients 1.2-2x faster than ``(in, rank)`` (the
+  gradient matmuls then write their small result row-major; measured in DESIGN notes).
   """
   stack = tuple(i for i, r in enumerate(roles) if r == "stack")
   ins = tuple(i for i, r in enumerate(roles) if r == "in")
   outs = tuple(i for i, r in enumerate(roles) if r == "out")
-  return stack + ins + (None,), stack + (None,) + outs
+  return stack + (None,) + ins, stack + (None,) + outs
 
 
 def factor_shapes(
@@ -63,7 +64,7 @@ class LoraLeaf:
 
   Attributes:
     w: frozen base weight (any float dtype).
-    a: factor of shape ``stack + in + (rank,)``.
+    a: factor of shape ``stack + (rank,) + in``.
     b: factor of shape ``stack + (rank,) + out``.
     roles: role of each axis of ``w``: ``"in"``, ``"out"`` or ``"stack"``.
     rank: the rank ``r``.

@@ -52,7 +52,7 @@ def optimizer(
     ...                  key=jax.random.key(0))
     >>> tx = lora_fn.optimizer(optax.adam(1e-3), p)
     >>> [x.shape for x in jax.tree.leaves(tx.init(p))]  # count, then mu and nu of a, b
-    [(), (5, 2), (2, 7), (5, 2), (2, 7)]
+    [(), (2, 5), (2, 7), (2, 5), (2, 7)]
   """
   mask = trainable_mask(params, trainable=trainable, bias=bias)
 

@@ -96,7 +96,7 @@ def split(
     >>> train["k"].w is None, train["bias"] is None, frozen["k"].a is None
     (True, True, True)
     >>> lora_fn.combine(train, frozen)["k"].a.shape
-    (5, 2)
+    (2, 5)
   """
   mask = trainable_mask(params, trainable=trainable, bias=bias)
   return partition(params, mask)

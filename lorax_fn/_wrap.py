@@ -142,7 +142,7 @@ def wrap(
     >>> params = {"dense": {"kernel": jnp.ones((5, 7)), "bias": jnp.zeros(7)}}
     >>> wrapped = lora_fn.wrap(params, rank=2, targets=("dense",), key=jax.random.key(0))
     >>> wrapped["dense"]["kernel"].a.shape, wrapped["dense"]["kernel"].b.shape
-    ((5, 2), (2, 7))
+    ((2, 5), (2, 7))
   """
   if init not in _INITS:
     raise ValueError(f"init must be one of {_INITS}; got: {init!r}")

@@ -18,7 +18,7 @@ def explicit_delta(leaf: lora_fn.LoraLeaf) -> np.ndarray:
   ins = [i for i, r in enumerate(roles) if r == "in"]
   outs = [i for i, r in enumerate(roles) if r == "out"]
   s = math.prod(shape[i] for i in stack)
-  a = np.asarray(leaf.a, np.float64).reshape(s, -1, leaf.rank)
+  a = np.asarray(leaf.a, np.float64).reshape(s, leaf.rank, -1).transpose(0, 2, 1)
   b = np.asarray(leaf.b, np.float64).reshape(s, leaf.rank, -1)
   delta = (leaf.alpha / leaf.rank) * (a @ b)  # (stack, in, out)
   delta = delta.reshape([shape[i] for i in stack + ins + outs])

@@ -221,7 +221,7 @@ def test_dropout_is_keyed_and_off_without_key():
   x = jax.random.normal(K(3), (13, 5))
   leaf = wrapped["w"]
   base = x @ leaf.w
-  low = lambda xd: (xd @ leaf.a) @ leaf.b * leaf.scale  # noqa: E731
+  low = lambda xd: (xd @ leaf.a.T) @ leaf.b * leaf.scale  # noqa: E731
   assert_trees_close(lora_fn.lora(fn)(wrapped, x), base + low(x))
   a = lora_fn.lora(fn, key=K(4))(wrapped, x)
   b = lora_fn.lora(fn, key=K(4))(wrapped, x)
@@ -230,7 +230,7 @@ def test_dropout_is_keyed_and_off_without_key():
   assert not np.allclose(a, c)
   # The base path never sees dropout: a - base is low(mask * x / (1 - p)).
   resid = np.asarray(a - base)
-  xd = np.linalg.lstsq(np.asarray(leaf.a @ leaf.b * leaf.scale).T, resid.T, rcond=None)[0].T
+  xd = np.linalg.lstsq(np.asarray(leaf.a.T @ leaf.b * leaf.scale).T, resid.T, rcond=None)[0].T
   dropped = np.isclose(xd, 0, atol=1e-3)
   assert 0.3 < dropped.mean() < 0.7
   np.testing.assert_allclose(xd[~dropped], 2 * np.asarray(x)[~dropped], rtol=1e-2, atol=1e-3)
@@ -240,11 +240,11 @@ def test_shape_mismatch_is_an_error_naming_the_path():
   wrapped = lora_fn.wrap({"layer": {"w": jnp.ones((5, 7))}}, rank=2, targets=("w",), key=K(0))
   import dataclasses
 
-  bad = {"layer": {"w": dataclasses.replace(wrapped["layer"]["w"], a=jnp.ones((5, 3)))}}
+  bad = {"layer": {"w": dataclasses.replace(wrapped["layer"]["w"], a=jnp.ones((3, 5)))}}
   with pytest.raises(
     ValueError,
     match=r"LoRA leaf at 'arg 0/layer/w'.*expects a of shape "
-    r"\(5, 2\).*got a \(5, 3\)",
+    r"\(2, 5\).*got a \(3, 5\)",
   ):
     lora_fn.lora(lambda p, x: x @ p["layer"]["w"])(bad, jnp.ones((2, 5)))
 

@@ -56,11 +56,11 @@ def test_default_layouts_and_factor_shapes():
   p = lora_fn.wrap(_params(), rank=2, targets=("enc", "conv", "tok"), key=K(0))
   q, o, m = p["enc"]["query"]["kernel"], p["enc"]["out"]["kernel"], p["enc"]["mlp"]["kernel"]
   c, e = p["conv"]["kernel"], p["tok"]["embedding"]
-  assert (q.roles, q.a.shape, q.b.shape) == (("in", "out", "out"), (5, 2), (2, 2, 3))
-  assert (o.roles, o.a.shape, o.b.shape) == (("in", "in", "out"), (2, 3, 2), (2, 5))
-  assert (m.roles, m.a.shape, m.b.shape) == (("in", "out"), (5, 2), (2, 11))
-  assert (c.roles, c.a.shape, c.b.shape) == (("in", "in", "in", "out"), (3, 3, 5, 2), (2, 7))
-  assert (e.roles, e.a.shape, e.b.shape) == (("in", "out"), (13, 2), (2, 5))
+  assert (q.roles, q.a.shape, q.b.shape) == (("in", "out", "out"), (2, 5), (2, 2, 3))
+  assert (o.roles, o.a.shape, o.b.shape) == (("in", "in", "out"), (2, 2, 3), (2, 5))
+  assert (m.roles, m.a.shape, m.b.shape) == (("in", "out"), (2, 5), (2, 11))
+  assert (c.roles, c.a.shape, c.b.shape) == (("in", "in", "in", "out"), (2, 3, 3, 5), (2, 7))
+  assert (e.roles, e.a.shape, e.b.shape) == (("in", "out"), (2, 13), (2, 5))
   # Biases, norm scales and integer leaves are untouched.
   assert p["enc"]["query"]["bias"] is not None and not lora_fn.is_lora(p["enc"]["norm"]["scale"])
 
@@ -72,7 +72,7 @@ def test_stacked_attention_default_layout():
   leaf = p["layers"]["query"]["kernel"]
   assert (leaf.roles, leaf.a.shape, leaf.b.shape) == (
     ("stack", "in", "out", "out"),
-    (3, 5, 2),
+    (3, 2, 5),
     (3, 2, 2, 7),
   )
 
@@ -109,7 +109,7 @@ def test_scaling_alpha_rslora_and_patterns():
   )
   q, v, m = (p["enc"][n]["kernel"] for n in ("query", "value", "mlp"))
   assert (q.rank, q.alpha, q.scale) == (4, 4.0, 1.0)
-  assert (v.rank, v.alpha, v.a.shape) == (2, 2.0, (5, 2))  # alpha=None: alpha = its own rank
+  assert (v.rank, v.alpha, v.a.shape) == (2, 2.0, (2, 5))  # alpha=None: alpha = its own rank
   assert (m.rank, m.alpha, m.scale) == (4, 16.0, 4.0)
   r = lora_fn.wrap(_params(), rank=4, alpha=8, targets=("mlp",), key=K(0), rslora=True)
   assert r["enc"]["mlp"]["kernel"].scale == 8 / 2
