@@ -4,7 +4,8 @@ ViT-S/16-sized Flax model (d=384, 12 layers, 6 heads, MLP 1536), batch 8, 224x22
 LoRA on every attention (q, k, v, out) and MLP kernel. The floor is forward plus the
 input-gradient backward pass only (gradients of the activations through every block, none for
 any parameter): the work no LoRA step can avoid. Variants are
-interleaved round by round so machine noise hits all of them alike; medians are printed.
+interleaved round by round (in a rotating order) so machine noise hits all of them alike;
+the ratios are of the median step times.
 
     python benchmarks/step_ratio.py [--rounds 7]
 """
@@ -12,6 +13,7 @@ interleaved round by round so machine noise hits all of them alike; medians are 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -59,9 +61,17 @@ class ViT(nn.Module):
     return nn.Dense(self.classes, name="head")(nn.LayerNorm()(x[:, 0]))
 
 
+def _run(variants: dict, name: str) -> None:
+  """One step; train steps donate their state, so the new state replaces the old."""
+  fn, a = variants[name]
+  out = jax.block_until_ready(fn(*a))
+  if name != "floor":
+    variants[name] = (fn, out[:2])
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rounds", type=int, default=9)
+  parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--rank", type=int, default=8)
   args = parser.parse_args()
@@ -77,7 +87,7 @@ def main() -> None:
   # Full fine-tuning: gradients and Adam for every parameter.
   full_tx = optax.adam(1e-4)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def full_step(params, opt_state):
     loss, grads = jax.value_and_grad(lambda p: xent(model.apply(p, img)))(params)
     updates, opt_state = full_tx.update(grads, opt_state, params)
@@ -89,7 +99,7 @@ def main() -> None:
   lora_tx = lora_fn.optimizer(optax.adam(1e-4), lparams)
   apply = lora_fn.lora(model.apply)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def lora_step(params, opt_state):
     trainable, frozen = lora_fn.split(params)
     loss_fn = lambda t: xent(apply(lora_fn.combine(t, frozen), img))
@@ -103,29 +113,38 @@ def main() -> None:
   def floor_step(params, delta):
     return jax.value_and_grad(lambda d: xent(model.apply(params, img, d)))(delta)
 
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # each variant owns (and donates) its buffers
   variants = {
-    "full": (full_step, (base, full_tx.init(base))),
-    "lora": (lora_step, (lparams, lora_tx.init(lparams))),
+    "full": (full_step, (copy(base), full_tx.init(base))),
+    "lora": (lora_step, (copy(lparams), lora_tx.init(lparams))),
     "floor": (floor_step, (base, jnp.zeros((args.batch, 196, model.dim)))),
   }
   print(lora_fn.summary(lparams).splitlines()[0])
   print(f"devices: {jax.devices()}  batch {args.batch}, 224x224, rank {args.rank}")
-  for name, (fn, a) in variants.items():  # compile and warm up
+  for name in list(variants):  # compile and warm up
     t = time.perf_counter()
-    jax.block_until_ready(fn(*a))
+    _run(variants, name)
     print(f"compiled {name} in {time.perf_counter() - t:.1f}s")
-  times: dict[str, list[float]] = {n: [] for n in variants}
-  for _ in range(args.rounds):
-    for name, (fn, a) in variants.items():
+  names = list(variants)
+  times: dict[str, list[float]] = {n: [] for n in names}
+  for r in range(args.rounds):
+    # Rotate the order each round so no variant always follows the same neighbour.
+    for name in names[r % len(names) :] + names[: r % len(names)]:
       t = time.perf_counter()
-      jax.block_until_ready(fn(*a))
+      _run(variants, name)
       times[name].append(time.perf_counter() - t)
   med = {n: statistics.median(v) for n, v in times.items()}
-  for n in variants:
+  for n in names:
     print(f"{n:>5}: median {med[n] * 1e3:8.1f} ms/step  (min {min(times[n]) * 1e3:.1f})")
   print(f"LoRA/full  = {med['lora'] / med['full']:.3f}   (target <= 0.78)")
   print(f"LoRA/floor = {med['lora'] / med['floor']:.3f}   (target <= 1.12)")
   print(f"floor/full = {med['floor'] / med['full']:.3f}")
+  # This machine is noisy; the ratio of the fastest steps is a second, noise-robust view.
+  best = {n: min(v) for n, v in times.items()}
+  print(
+    f"(ratios of min times: LoRA/full {best['lora'] / best['full']:.3f}, "
+    f"LoRA/floor {best['lora'] / best['floor']:.3f})"
+  )
 
 
 if __name__ == "__main__":

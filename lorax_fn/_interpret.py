@@ -23,7 +23,14 @@ from jax import lax
 
 from lorax_fn import _paths
 from lorax_fn._leaves import LoraLeaf, is_lora
-from lorax_fn._rules import COMPUTE_RULES, VIEW_RULES, LoraVal
+from lorax_fn._rules import (
+  COMPUTE_RULES,
+  VIEW_RULES,
+  LoraVal,
+  dot_general_rule,
+  first_step_plan,
+  shared_first_steps,
+)
 
 
 class MaterializeWarning(UserWarning):
@@ -41,6 +48,10 @@ class _Ctx:
     assert self.key is not None
     self.count += 1
     return jax.random.fold_in(self.key, self.count)
+
+  def can_share(self, invals: Sequence[Any]) -> bool:
+    """Sites may share ``x·Aᵀ`` unless dropout gives each its own mask."""
+    return self.key is None or all(x.dropout == 0.0 for x in invals if isinstance(x, LoraVal))
 
   def dropout(self, x: jax.Array, rate: float) -> jax.Array:
     if self.key is None or rate == 0.0:
@@ -71,10 +82,15 @@ def eval_jaxpr(ctx: _Ctx, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]
 
   env.update(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
-  for eqn in jaxpr.eqns:
+  shared: dict[int, Any] = {}  # eqn index -> x·Aᵀ computed together with a sibling site
+  uses = None
+  for idx, eqn in enumerate(jaxpr.eqns):
     invals = [read(v) for v in eqn.invars]
     if any(isinstance(x, LoraVal) for x in invals):
-      outs = _eval_lora_eqn(ctx, eqn, invals)
+      if eqn.primitive.name == "dot_general" and idx not in shared and ctx.can_share(invals):
+        uses = _dot_uses(jaxpr) if uses is None else uses
+        shared.update(_share_first_steps(ctx, jaxpr, idx, invals, env, uses))
+      outs = _eval_lora_eqn(ctx, eqn, invals, shared.pop(idx, None))
     else:
       outs = _bind(eqn, invals)
     for var, val in zip(eqn.outvars, outs):
@@ -83,8 +99,50 @@ def eval_jaxpr(ctx: _Ctx, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]
   return [read(v) for v in jaxpr.outvars]
 
 
-def _eval_lora_eqn(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
+def _dot_uses(jaxpr: Any) -> dict[Any, list[tuple[int, int]]]:
+  """``{var: [(eqn index, operand position)]}`` for every ``dot_general`` operand."""
+  uses: dict[Any, list[tuple[int, int]]] = {}
+  for idx, eqn in enumerate(jaxpr.eqns):
+    if eqn.primitive.name == "dot_general":
+      for pos, v in enumerate(eqn.invars):
+        if not isinstance(v, jex.Literal):
+          uses.setdefault(v, []).append((idx, pos))
+  return uses
+
+
+def _share_first_steps(ctx, jaxpr, idx, invals, env, uses) -> dict[int, Any]:
+  """Computes ``x·Aᵀ`` of this site and of later sites reading the same ``x`` in one matmul."""
+  plan = first_step_plan(jaxpr.eqns[idx], *invals)
+  if plan is None:
+    return {}
+  x_var = jaxpr.eqns[idx].invars[plan.x_pos]
+  group = [(idx, plan)]
+  for j, pos in uses.get(x_var, ()):
+    eqn = jaxpr.eqns[j]
+    if (
+      j <= idx
+      or pos != plan.x_pos
+      or any(not isinstance(v, jex.Literal) and v not in env for v in eqn.invars)
+    ):
+      continue
+    vals = [v.val if isinstance(v, jex.Literal) else env[v] for v in eqn.invars]
+    other = first_step_plan(eqn, *vals) if ctx.can_share(vals) else None
+    if other is not None and (other.x_dims, other.dtype, other.precision) == (
+      plan.x_dims,
+      plan.dtype,
+      plan.precision,
+    ):
+      group.append((j, other))
+  if len(group) == 1:
+    return {}
+  results = shared_first_steps(invals[plan.x_pos], [p for _, p in group])
+  return {j: r for (j, _), r in zip(group, results)}
+
+
+def _eval_lora_eqn(ctx: _Ctx, eqn: Any, invals: list[Any], first: Any = None) -> list[Any]:
   name = eqn.primitive.name
+  if first is not None:
+    return [dot_general_rule(eqn, *invals, ctx.dropout, first)]
   try:
     if name in VIEW_RULES and isinstance(invals[0], LoraVal):
       if not any(isinstance(x, LoraVal) for x in invals[1:]):

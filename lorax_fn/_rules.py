@@ -8,6 +8,7 @@ factor axis labelled with the view axis it stands for (``None`` for the rank axi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -287,8 +288,60 @@ def _compute_dtype(x: jax.Array, v: LoraVal) -> Any:
   return jnp.promote_types(x.dtype, v.a.dtype)
 
 
-def dot_general_rule(eqn: Any, lhs: Any, rhs: Any, dropout: Dropout) -> jax.Array:
-  """``dot_general(x, W)`` → ``dot_general(x, w) + s·((x·A)·B)``, any contracting/batch dims."""
+@dataclasses.dataclass(frozen=True)
+class FirstStep:
+  """``x·Aᵀ`` of one LoRA ``dot_general``, in a form that sites sharing ``x`` can batch."""
+
+  x_pos: int  # which operand of the dot_general is x
+  x_dims: tuple[int, ...]  # x's contracting dims, in order
+  a2: jax.Array  # A as (rank, K), K ordered like x_dims
+  dtype: Any
+  precision: Any
+
+
+def first_step_plan(eqn: Any, lhs: Any, rhs: Any) -> FirstStep | None:
+  """The shareable first step of a LoRA ``dot_general``, or None if it has none.
+
+  It has one when every axis of A except the rank is contracted with ``x`` and there are
+  no batch dimensions: then ``x·Aᵀ`` of several kernels that read the same ``x`` (the q, k
+  and v projections) is one matmul against their stacked A's, which reads ``x`` once.
+  """
+  if isinstance(lhs, LoraVal) == isinstance(rhs, LoraVal):
+    return None
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  w_is_lhs = isinstance(lhs, LoraVal)
+  v, x = (lhs, rhs) if w_is_lhs else (rhs, lhs)
+  wc, xc, wb = (lc, rc, lb) if w_is_lhs else (rc, lc, rb)
+  a_lab, _ = v.labels()
+  if wb or set(a_lab) != set(wc) | {"r"} or len(a_lab) != len(wc) + 1:
+    return None
+  a2 = arrange(v.a, a_lab, ["r", *wc]).reshape(v.a.shape[a_lab.index("r")], -1)
+  return FirstStep(
+    1 if w_is_lhs else 0, tuple(xc), a2, _compute_dtype(x, v), eqn.params.get("precision")
+  )
+
+
+def shared_first_steps(x: jax.Array, plans: Sequence[FirstStep]) -> list[tuple[jax.Array, Labels]]:
+  """``x·Aᵢᵀ`` for several sites at once: one matmul against the stacked ``Aᵢ``."""
+  p0 = plans[0]
+  free = [i for i in range(x.ndim) if i not in p0.x_dims]
+  k = math.prod(x.shape[i] for i in p0.x_dims)
+  x2 = _transpose(x, range(x.ndim), free + list(p0.x_dims)).reshape(-1, k).astype(p0.dtype)
+  a_all = jnp.concatenate([p.a2.astype(p0.dtype) for p in plans], axis=0)
+  t_all = lax.dot_general(x2, a_all, (((1,), (1,)), ((), ())), precision=p0.precision)
+  splits = list(itertools.accumulate(p.a2.shape[0] for p in plans))[:-1]
+  free_shape = [x.shape[i] for i in free]
+  labels = tuple(("x", i) for i in free) + ("r",)
+  return [(t.reshape(*free_shape, -1), labels) for t in jnp.split(t_all, splits, axis=1)]
+
+
+def dot_general_rule(
+  eqn: Any, lhs: Any, rhs: Any, dropout: Dropout, first: tuple[jax.Array, Labels] | None = None
+) -> jax.Array:
+  """``dot_general(x, W)`` → ``dot_general(x, w) + s·((x·A)·B)``, any contracting/batch dims.
+
+  ``first`` is ``x·Aᵀ`` when :func:`shared_first_steps` already computed it.
+  """
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   w_is_lhs = isinstance(lhs, LoraVal)
   v, x = (lhs, rhs) if w_is_lhs else (rhs, lhs)
@@ -307,9 +360,12 @@ def dot_general_rule(eqn: Any, lhs: Any, rhs: Any, dropout: Dropout) -> jax.Arra
   out_lab = list(wb) + (w_free + x_free if w_is_lhs else x_free + w_free)
   f1, l1, f2, l2 = (v.a, a_lab, v.b, b_lab) if first_a else (v.b, b_lab, v.a, a_lab)
   dtype = _compute_dtype(x, v)
-  xd = dropout(x, v.dropout).astype(dtype)
   precision = eqn.params.get("precision")
-  t, t_lab = contract(xd, x_lab, f1.astype(dtype), l1, set(out_lab) | set(l2), precision)
+  if first is not None:
+    t, t_lab = first
+  else:
+    xd = dropout(x, v.dropout).astype(dtype)
+    t, t_lab = contract(xd, x_lab, f1.astype(dtype), l1, set(out_lab) | set(l2), precision)
   t = t if v.scale == 1.0 else t * jnp.asarray(v.scale, t.dtype)
   y, y_lab = contract(t, t_lab, f2.astype(dtype), l2, set(out_lab), precision)
   return base + arrange(y, y_lab, out_lab).astype(base.dtype)

@@ -259,3 +259,32 @@ class _no_materialize:
 
   def __exit__(self, *exc):
     return self._ctx.__exit__(*exc)
+
+
+def test_sites_reading_the_same_input_share_one_first_matmul():
+  params = {
+    n: {"kernel": jax.random.normal(K(i), (11, 2, 3))}
+    for i, n in enumerate(("query", "key", "value"))
+  }
+
+  def fn(p, x):
+    q, k, v = (jnp.einsum("btd,dhk->bthk", x, p[n]["kernel"]) for n in ("query", "key", "value"))
+    return q * k + v
+
+  wrapped = randomize(
+    lora_fn.wrap(
+      params, rank=2, targets=("query", "key", "value"), key=K(5), rank_pattern={"key": 3}
+    ),
+    K(6),
+  )
+  x = jax.random.normal(K(7), (2, 5, 11))
+  jaxpr = jax.make_jaxpr(lora_fn.lora(fn))(wrapped, x)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  # 3 base matmuls, one x·[Aq; Ak; Av]ᵀ (rank 2 + 3 + 2 = 7 columns), 3 up-projections.
+  assert len(dots) == 7
+  assert sum(e.outvars[0].aval.shape[-1] == 7 for e in dots) == 1
+  assert_trees_close(jax.jit(lora_fn.lora(fn))(wrapped, x), fn(explicit_merge(wrapped), x))
+  # With dropout each site keeps its own mask, so nothing is shared.
+  dropped = lora_fn.wrap(params, rank=2, targets=("query", "key", "value"), key=K(5), dropout=0.1)
+  jaxpr = jax.make_jaxpr(lora_fn.lora(fn, key=K(8)))(dropped, x)
+  assert sum(e.primitive.name == "dot_general" for e in jaxpr.jaxpr.eqns) == 9
