@@ -1,5 +1,6 @@
 """lorax_fn: LoRA as a pure function transform for JAX and Flax."""
 
+from lorax_fn._checkpoint import read_adapter_config, restore_adapter, save_adapter
 from lorax_fn._infer import infer_layouts
 from lorax_fn._interpret import MaterializeWarning, lora
 from lorax_fn._leaves import Layout, LoraLeaf, is_lora
@@ -20,6 +21,9 @@ __all__ = [
   "lora",
   "merge",
   "optimizer",
+  "read_adapter_config",
+  "restore_adapter",
+  "save_adapter",
   "split",
   "summary",
   "trainable_mask",

@@ -1,0 +1,199 @@
+"""``save_adapter`` / ``restore_adapter``: Orbax checkpoints of the trained part only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lorax_fn import _paths
+from lorax_fn._leaves import is_lora
+from lorax_fn._partition import trainable_mask
+
+_FORMAT = "lorax_fn.adapter/1"
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = out
+    *parents, last = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = value
+  return out
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    path = f"{prefix}/{k}" if prefix else str(k)
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, path))
+    else:
+      out[path] = v
+  return out
+
+
+def adapter_state(
+  params: Any, *, trainable: _paths.Targets | None = None, bias: str = "none"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The trained arrays as ``{path: array}`` and their LoRA configuration as JSON data.
+
+  LoRA leaves contribute ``path/a`` and ``path/b``; leaves selected by ``trainable`` /
+  ``bias`` (see :func:`lorax_fn.trainable_mask`) contribute themselves. The frozen base is
+  never included.
+  """
+  mask = trainable_mask(params, trainable=trainable, bias=bias)
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
+  marks = jax.tree.leaves(mask, is_leaf=lambda x: isinstance(x, bool) or is_lora(x))
+  arrays: dict[str, Any] = {}
+  lora: dict[str, Any] = {}
+  extra: list[str] = []
+  for (path, leaf), mark in zip(flat, marks):
+    p = _paths.path_str(path)
+    if is_lora(leaf):
+      arrays[f"{p}/a"], arrays[f"{p}/b"] = leaf.a, leaf.b
+      lora[p] = {
+        "shape": list(leaf.shape),
+        "roles": list(leaf.roles),
+        "rank": leaf.rank,
+        "alpha": leaf.alpha,
+        "rslora": leaf.rslora,
+        "dropout": leaf.dropout,
+      }
+    elif mark:
+      arrays[p] = leaf
+      extra.append(p)
+  return arrays, {"format": _FORMAT, "lora": lora, "trainable": extra}
+
+
+def save_adapter(
+  path: str | os.PathLike,
+  params: Any,
+  *,
+  trainable: _paths.Targets | None = None,
+  bias: str = "none",
+  metadata: Mapping[str, Any] | None = None,
+) -> None:
+  """Saves the adapters (and the chosen fully trained leaves) with Orbax; never the base.
+
+  The checkpoint holds the arrays and a JSON record of every LoRA leaf's rank, alpha, axis
+  roles and shape, plus ``metadata`` (e.g. the base model id), so that restoring into a
+  different model is an error rather than a silent mismatch. Orbax writes to a temporary
+  directory and renames it when complete, so a crash never leaves a partial checkpoint.
+
+  Args:
+    path: directory to create; it must not exist.
+    params: the wrapped parameters.
+    trainable: fully trained extra leaves (e.g. ``("head",)``), as for :func:`optimizer`.
+    bias: bias mode, as for :func:`optimizer`.
+    metadata: JSON-serialisable data stored alongside, e.g. ``{"base_model": "..."}``.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> p = lora_fn.wrap({"k": jnp.ones((5, 7))}, rank=2, targets=("k",),
+    ...                  key=jax.random.key(0))
+    >>> d = tempfile.mkdtemp() + "/adapter"
+    >>> lora_fn.save_adapter(d, p, metadata={"base_model": "toy"})
+    >>> restored = lora_fn.restore_adapter(d, p)
+    >>> bool((restored["k"].a == p["k"].a).all())
+    True
+  """
+  arrays, config = adapter_state(params, trainable=trainable, bias=bias)
+  config["metadata"] = dict(metadata or {})
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    ckpt.save(
+      os.path.abspath(path),
+      args=ocp.args.Composite(
+        adapter=ocp.args.StandardSave(_nest(arrays)), config=ocp.args.JsonSave(config)
+      ),
+    )
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+  """The JSON record written by :func:`save_adapter` (LoRA leaves, extras, metadata)."""
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    return ckpt.restore(
+      os.path.abspath(path), args=ocp.args.Composite(config=ocp.args.JsonRestore())
+    )["config"]
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
+  """Raises ``ValueError`` describing the first difference between two adapter configs."""
+  s_lora, c_lora = saved["lora"], current["lora"]
+  if set(s_lora) != set(c_lora):
+    raise ValueError(
+      f"{where} holds LoRA leaves {sorted(s_lora)} but the model has {sorted(c_lora)}; "
+      "the targets differ."
+    )
+  for p, s in s_lora.items():
+    c = c_lora[p]
+    for field in ("shape", "roles", "rank", "alpha", "rslora"):
+      if s[field] != c[field]:
+        raise ValueError(
+          f"{where}: LoRA leaf {p!r} was saved with {field}={s[field]!r} but the model has "
+          f"{field}={c[field]!r}."
+        )
+  if sorted(saved["trainable"]) != sorted(current["trainable"]):
+    raise ValueError(
+      f"{where} holds fully trained leaves {sorted(saved['trainable'])} but the model "
+      f"trains {sorted(current['trainable'])}."
+    )
+
+
+def restore_adapter(
+  path: str | os.PathLike,
+  params: Any,
+  *,
+  trainable: _paths.Targets | None = None,
+  bias: str = "none",
+  metadata: Mapping[str, Any] | None = None,
+) -> Any:
+  """Restores adapters saved by :func:`save_adapter` into ``params``.
+
+  Args:
+    path: the checkpoint directory.
+    params: wrapped parameters of the same targets, ranks and alphas (the base weights
+      come from here; only the adapter arrays are read from disk).
+    trainable: fully trained extra leaves, as given to :func:`save_adapter`.
+    bias: bias mode, as given to :func:`save_adapter`.
+    metadata: if given, every key must equal the saved metadata's (e.g. the base model id).
+
+  Returns:
+    ``params`` with the saved adapter (and extra) arrays in place.
+
+  Raises:
+    ValueError: if the checkpoint's targets, ranks, alphas, layouts, shapes, extra leaves
+      or metadata differ from ``params``'.
+  """
+  arrays, current = adapter_state(params, trainable=trainable, bias=bias)
+  saved = read_adapter_config(path)
+  where = f"adapter checkpoint {os.fspath(path)!r}"
+  check_compatible(saved, current, where)
+  for k, v in (metadata or {}).items():
+    if saved["metadata"].get(k) != v:
+      raise ValueError(f"{where} has metadata {k}={saved['metadata'].get(k)!r}; expected {v!r}.")
+  target = _nest({p: np.zeros(x.shape, x.dtype) for p, x in arrays.items()})
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    loaded = ckpt.restore(
+      os.path.abspath(path), args=ocp.args.Composite(adapter=ocp.args.StandardRestore(target))
+    )["adapter"]
+  return load_adapter_state(params, _flatten(loaded))
+
+
+def load_adapter_state(params: Any, arrays: Mapping[str, Any]) -> Any:
+  """Puts ``{path: array}`` from :func:`adapter_state` back into ``params``."""
+  import dataclasses
+
+  def put(path: Any, leaf: Any) -> Any:
+    p = _paths.path_str(path)
+    if is_lora(leaf) and f"{p}/a" in arrays:
+      return dataclasses.replace(leaf, a=arrays[f"{p}/a"], b=arrays[f"{p}/b"])
+    return arrays.get(p, leaf)
+
+  return jax.tree_util.tree_map_with_path(put, params, is_leaf=is_lora)

@@ -1,0 +1,91 @@
+"""``save_adapter`` / ``restore_adapter``: adapters only, exact, and refusing a wrong model."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_trees_equal, randomize
+
+import lorax_fn as lora_fn
+
+K = jax.random.key
+
+
+def _params(rank=2, targets=("query", "value"), **kw):
+  base = {
+    "enc": {
+      n: {"kernel": jax.random.normal(K(i), (11, 13))}
+      for i, n in enumerate(("query", "key", "value"))
+    },
+    "head": {"kernel": jax.random.normal(K(5), (13, 7)), "bias": jnp.zeros(7)},
+  }
+  return randomize(lora_fn.wrap(base, rank=rank, targets=targets, key=K(9), **kw), K(3))
+
+
+def _dir_bytes(path):
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def test_round_trip_is_exact_and_small(tmp_path):
+  p = _params()
+  path = tmp_path / "adapter"
+  lora_fn.save_adapter(path, p, trainable=("head",), metadata={"base_model": "toy/v1"})
+  fresh = lora_fn.wrap(lora_fn.unwrap(p), rank=2, targets=("query", "value"), key=K(0))
+  restored = lora_fn.restore_adapter(
+    path, fresh, trainable=("head",), metadata={"base_model": "toy/v1"}
+  )
+  assert_trees_equal(restored, p)
+  arrays, _ = lora_fn._checkpoint.adapter_state(p, trainable=("head",))
+  raw = sum(np.asarray(x).nbytes for x in arrays.values())
+  base_bytes = 3 * 11 * 13 * 4
+  assert _dir_bytes(path) <= 1.1 * raw + 64 * 1024 < base_bytes + raw + 64 * 1024
+  config = lora_fn.read_adapter_config(path)
+  assert config["lora"]["enc/query/kernel"]["rank"] == 2
+  assert config["trainable"] == ["head/bias", "head/kernel"]
+  assert config["metadata"] == {"base_model": "toy/v1"}
+
+
+def test_existing_directory_is_not_overwritten(tmp_path):
+  lora_fn.save_adapter(tmp_path / "a", _params())
+  with pytest.raises(ValueError, match="already exists"):
+    lora_fn.save_adapter(tmp_path / "a", _params())
+
+
+@pytest.mark.parametrize(
+  "model, kwargs, regex",
+  [
+    (
+      dict(rank=3),
+      {},
+      r"LoRA leaf 'enc/query/kernel' was saved with rank=2 but the model has "
+      r"rank=3",
+    ),
+    (dict(alpha=4.0), {}, r"saved with alpha=2.0 but the model has alpha=4.0"),
+    (
+      dict(targets=("query", "key")),
+      {},
+      r"holds LoRA leaves \['enc/query/kernel', "
+      r"'enc/value/kernel'\] but the model has",
+    ),
+    (
+      {},
+      dict(trainable=("head",)),
+      r"holds fully trained leaves \[\] but the model trains "
+      r"\['head/bias', 'head/kernel'\]",
+    ),
+    (
+      {},
+      dict(metadata={"base_model": "other"}),
+      r"has metadata base_model='toy/v1'; expected "
+      r"'other'",
+    ),
+  ],
+)
+def test_restore_into_a_different_model_is_an_error(tmp_path, model, kwargs, regex):
+  lora_fn.save_adapter(tmp_path / "a", _params(), metadata={"base_model": "toy/v1"})
+  with pytest.raises(ValueError, match=regex):
+    lora_fn.restore_adapter(tmp_path / "a", _params(**model), **kwargs)
