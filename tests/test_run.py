@@ -1,0 +1,180 @@
+"""End to end: ``train/run.py`` on a small image folder written here, with kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ("cheesecake", "cheese_plate", "apple_pie")  # sorted: apple_pie, cheese_plate, cheesecake
+
+
+def _write_folder(root):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 6), ("validation", 3)):
+    for c, name in enumerate(CLASSES):
+      os.makedirs(os.path.join(root, split, name))
+      for i in range(n):
+        img = np.full((12, 12, 3), 40 + 80 * c, np.uint8) + rng.integers(
+          0, 30, (12, 12, 3), dtype=np.uint8
+        )
+        Image.fromarray(img).save(os.path.join(root, split, name, f"{i}.png"))
+  with open(os.path.join(root, "train", CLASSES[0], "broken.png"), "wb") as f:
+    f.write(b"this is not a png")
+
+
+def _run(workdir, data, *extra, check=True):
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "train", "run.py"),
+    "--config",
+    os.path.join(ROOT, "configs", "vit_food101.py"),
+    f"--config.workdir={workdir}",
+    f"--config.data.path={data}",
+    "--config.model.source=random",
+    "--config.model.preset.patch_size=4",
+    "--config.model.preset.hidden_size=16",
+    "--config.model.preset.num_layers=2",
+    "--config.model.preset.num_heads=2",
+    "--config.model.preset.mlp_dim=24",
+    "--config.data.image_size=12",
+    "--config.data.workers=0",
+    "--config.batch_size=4",
+    "--config.epochs=2",
+    "--config.checkpoint_every_steps=3",
+    "--config.log_every_steps=1",
+    "--config.lora.rank=2",
+    "--config.optim.lr=0.01",
+    *extra,
+  ]
+  env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+  return proc
+
+
+def _final_state(workdir):
+  import orbax.checkpoint as ocp
+
+  ckpt = os.path.join(workdir, "checkpoints")
+  last = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  return last, ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(last), "state"))
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _dir_bytes(path):
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("run")
+  data = root / "food"
+  _write_folder(data)
+  full = _run(root / "full", data)
+  killed = _run(root / "killed", data, "--config.debug_kill_at_step=5", check=False)
+  resumed = _run(root / "killed", data)
+  return root, data, full, killed, resumed
+
+
+def test_trains_logs_and_counts_corrupt_images(runs):
+  root, _, full, _, _ = runs
+  work = root / "full"
+  records = _records(work)
+  evals = [r for r in records if r["split"] == "eval"]
+  assert [r["step"] for r in evals] == [4, 8]
+  assert all(0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 for r in evals)
+  assert max(r["skipped_images"] for r in records if "skipped_images" in r) >= 1
+  assert "trainable params:" in full.stdout and "skipped" in full.stdout
+  assert os.listdir(work / "tb") and os.path.getsize(work / "curves.png") > 1000
+  losses = [r["loss"] for r in records if r["split"] == "train" and "loss" in r]
+  assert len(losses) == 8 and all(np.isfinite(losses))
+
+
+def test_killed_run_resumes_bit_identical(runs):
+  root, _, _, killed, resumed = runs
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert "resumed from the checkpoint at step 3" in resumed.stdout
+  step_a, a = _final_state(root / "full")
+  step_b, b = _final_state(root / "killed")
+  assert step_a == step_b == 8
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def test_best_adapter_is_small_and_reproduces_eval(runs):
+  root, data, _, _, _ = runs
+  sys.path.insert(0, os.path.join(ROOT, "train"))
+  import jax
+  import jax.numpy as jnp
+  import run as run_lib
+  import vit
+
+  import lorax_fn as lora_fn
+
+  work = root / "full"
+  config = run_lib.load_config_file(os.path.join(ROOT, "configs", "vit_food101.py"))
+  config.data.path, config.data.image_size, config.data.workers = str(data), 12, 0
+  saved = lora_fn.read_adapter_config(work / "best_adapter")
+  assert saved["metadata"]["class_names"] == sorted(CLASSES)
+  model = vit.ViT(
+    num_classes=3, patch_size=4, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=24
+  )
+  base = model.init(jax.random.key(config.seed), jnp.zeros((1, 12, 12, 3)))
+  layouts = lora_fn.infer_layouts(model.apply, base, jnp.zeros((1, 12, 12, 3)))
+  params = lora_fn.wrap(
+    base,
+    rank=2,
+    alpha=16.0,
+    targets=("query", "value"),
+    layouts=layouts,
+    dropout=0.1,
+    key=jax.random.key(config.seed + 1),
+  )
+  params = lora_fn.restore_adapter(work / "best_adapter", params, trainable=("head",))
+  arrays, _ = lora_fn._checkpoint.adapter_state(params, trainable=("head",))
+  raw = sum(np.asarray(x).nbytes for x in arrays.values())
+  assert _dir_bytes(work / "best_adapter") <= 1.1 * raw + 64 * 1024
+  _, eval_split = run_lib.load_splits(config)
+  got = run_lib.evaluate(lora_fn.lora(model.apply), params, eval_split, config, 4, sorted(CLASSES))
+  records = _records(work)
+  best = max(r["accuracy"] for r in records if r["split"] == "eval")
+  assert got["accuracy"] == best
+
+
+def test_resume_with_other_rank_is_an_error(runs):
+  root, data, _, _, _ = runs
+  proc = _run(root / "full", data, "--config.lora.rank=3", check=False)
+  assert proc.returncode != 0
+  assert "was saved with rank=2 but the model has rank=3" in proc.stderr
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path):
+  proc = _run(tmp_path / "w", tmp_path, "--config.lora.rnak=3", check=False)
+  assert proc.returncode != 0
+  assert (
+    "unknown config key 'lora.rnak'; valid keys under lora: alpha, dropout, rank, rslora, "
+    "targets, trainable"
+  ) in proc.stderr
+
+
+def test_config_overrides_apply():
+  sys.path.insert(0, os.path.join(ROOT, "train"))
+  import run as run_lib
+
+  config = run_lib.load_config_file(os.path.join(ROOT, "configs", "vit_food101.py") + ":all_linear")
+  assert config.lora.targets == ("query", "key", "value", "out", "mlp_in", "mlp_out")
+  digits = run_lib.load_config_file(os.path.join(ROOT, "configs", "digits.py"))
+  assert digits.model.source == "pretrain:digits" and digits.data.flip is False

@@ -1,0 +1,121 @@
+"""Metrics and logs for ``train/run.py``: JSONL, TensorBoard, a progress bar, a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+import lorax_fn as lora_fn
+
+
+def classification(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """Accuracy and macro-F1 (the mean F1 over the classes present in labels or predictions)."""
+  if len(labels) == 0:
+    return {"accuracy": 0.0, "macro_f1": 0.0, "examples": 0}
+  f1s = []
+  for c in np.union1d(preds, labels):
+    tp = np.sum((preds == c) & (labels == c))
+    fp, fn = np.sum((preds == c) & (labels != c)), np.sum((preds != c) & (labels == c))
+    f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
+  return {
+    "accuracy": float(np.mean(preds == labels)),
+    "macro_f1": float(np.mean(f1s)),
+    "examples": int(len(labels)),
+  }
+
+
+def progress(total: int, initial: int, enabled: bool) -> Any:
+  """A tqdm bar with ETA (a silent stand-in on other hosts)."""
+  import sys
+
+  from tqdm.auto import tqdm
+
+  return tqdm(
+    total=total,
+    initial=initial,
+    disable=not enabled,
+    unit="step",
+    dynamic_ncols=True,
+    mininterval=0.1 if sys.stderr.isatty() else 5.0,
+  )
+
+
+class Writer:
+  """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard event files in ``workdir/tb``."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.workdir, self.enabled = workdir, enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def scalars(self, step: int, split: str, values: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+    for k, v in values.items():
+      self.tb.add_scalar(f"{split}/{k}", v, step)
+
+  def records(self) -> list[dict[str, Any]]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def best(self, split: str, key: str) -> float:
+    """The best value logged so far (a resumed run keeps its best checkpoint)."""
+    return max((r[key] for r in self.records() if r["split"] == split and key in r), default=-1.0)
+
+  def save_best_adapter(self, params: Any, trainable: Sequence[str], meta: Mapping) -> None:
+    """Replaces ``workdir/best_adapter`` atomically: write beside it, then rename."""
+    final = os.path.abspath(os.path.join(self.workdir, "best_adapter"))
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lora_fn.save_adapter(
+      tmp,
+      params,
+      trainable=trainable,
+      metadata={"base_model": meta["base_model"], "class_names": meta["class_names"]},
+    )
+    if os.path.exists(final):
+      os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+  def plot(self, path: str) -> None:
+    """Train loss and eval accuracy / macro-F1 against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = self.records()
+    train = [(r["step"], r["loss"]) for r in rec if r["split"] == "train" and "loss" in r]
+    evals = [(r["step"], r["accuracy"], r["macro_f1"]) for r in rec if r["split"] == "eval"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+      s, l = zip(*sorted(dict(train).items()))
+      ax1.plot(s, l, lw=1)
+    ax1.set(xlabel="step", ylabel="train loss", title="training loss")
+    if evals:
+      s, a, f = zip(*sorted({e[0]: e for e in evals}.values()))
+      ax2.plot(s, a, "o-", label="accuracy")
+      ax2.plot(s, f, "s--", label="macro-F1")
+      ax2.legend()
+    ax2.set(xlabel="step", ylabel="eval", title="evaluation", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()

@@ -1,0 +1,455 @@
+"""LoRA fine-tuning of a ViT: one readable script, top to bottom (big_vision style).
+
+    python train/run.py --config configs/vit_food101.py            # ViT-B/16 on Food-101
+    python train/run.py --config configs/digits.py                 # offline default, minutes
+    python train/run.py --config configs/vit_food101.py --config.lora.rank=8 --config.epochs=1
+
+Only the adapters and the head are trained (``lorax_fn.optimizer``); the frozen base never
+gets a gradient and is never written to a checkpoint. Checkpoints (adapters + head +
+optimizer state + step + key) are saved every ``checkpoint_every_steps`` and the run resumes
+from the latest one automatically; batches are indexed by step, so a resumed run reads the
+same data as an uninterrupted one. Metrics go to ``workdir/metrics.jsonl`` and TensorBoard
+(``workdir/tb``); ``workdir/curves.png`` plots them at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data as data_lib  # noqa: E402
+import hf_vit  # noqa: E402
+import metrics as metrics_lib  # noqa: E402
+import vit as vit_lib  # noqa: E402
+
+import lorax_fn as lora_fn  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+
+
+def xent(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+  """Mean cross-entropy over the valid (decodable) examples of a batch."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def load_splits(config) -> tuple[data_lib.Split, data_lib.Split]:
+  if config.data.name == "digits":
+    return data_lib.digits(config.data.classes, image_size=config.data.image_size)
+  return (
+    data_lib.load_hf(config.data.name, config.data.path, config.data.train_split),
+    data_lib.load_hf(config.data.name, config.data.path, config.data.eval_split),
+  )
+
+
+def load_base(config, num_classes: int, workdir: str) -> tuple[Any, Any]:
+  """The frozen base model: a Hugging Face ViT, or (offline default) one pre-trained here."""
+  key = jax.random.key(config.seed)
+  dtype = jnp.dtype(config.model.compute_dtype)
+  if config.model.source in ("pretrain:digits", "random"):
+    model = vit_lib.ViT(num_classes=num_classes, dtype=dtype, **config.model.preset)
+    if config.model.source == "random":
+      size = config.data.image_size
+      return model, model.init(key, jnp.zeros((1, size, size, 3)))
+    variables = pretrain_digits(config, model, os.path.join(workdir, "base"))
+    # A fresh (zero) classifier for the new classes, as a Hugging Face checkpoint gets.
+    head = jax.tree.map(jnp.zeros_like, variables["params"]["head"])
+    return model, {**variables, "params": {**variables["params"], "head": head}}
+  model, variables = hf_vit.load_hf_vit(
+    config.model.source, num_classes=num_classes, key=key, scan_layers=config.model.scan_layers
+  )
+  return model.clone(remat=config.model.remat, dtype=dtype), variables
+
+
+def pretrain_digits(config, model, path: str) -> Any:
+  """Trains the base ViT from scratch on digits 0-4 (cached in ``path``)."""
+  ckpt = ocp.StandardCheckpointer()
+  size = config.data.image_size
+  train, test = data_lib.digits(config.model.pretrain_classes, image_size=size)
+  variables = model.clone(num_classes=len(train.class_names)).init(
+    jax.random.key(config.seed), jnp.zeros((1, size, size, 3))
+  )
+  if os.path.exists(path):
+    return ckpt.restore(os.path.abspath(path), variables)
+  tx = optax.adamw(optax.cosine_decay_schedule(2e-3, 1000), weight_decay=1e-4)
+  pre = model.clone(num_classes=len(train.class_names))
+
+  @jax.jit
+  def step(variables, opt_state, batch):
+    def loss_fn(v):
+      return xent(pre.apply(v, batch["image"]), batch["label"], batch["valid"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(variables)
+    updates, opt_state = tx.update(grads, opt_state, variables)
+    return optax.apply_updates(variables, updates), opt_state, loss
+
+  ds = data_lib.batches(
+    train,
+    batch_size=32,
+    seed=config.seed + 7,
+    train=True,
+    image_size=size,
+    epochs=config.model.pretrain_epochs,
+    crop_scale=config.data.crop_scale,
+    flip=False,
+  )
+  opt_state = tx.init(variables)
+  for batch in data_lib.iterate(ds, 0, 0):
+    variables, opt_state, _ = step(variables, opt_state, batch)
+  acc = evaluate(lambda v, x: pre.apply(v, x), variables, test, config, 32)["accuracy"]
+  print(
+    f"pre-trained the base ViT on digits {list(config.model.pretrain_classes)}: "
+    f"held-out accuracy {acc:.3f}"
+  )
+  ckpt.save(os.path.abspath(path), variables)
+  ckpt.wait_until_finished()
+  return variables
+
+
+def evaluate(
+  apply, params, split: data_lib.Split, config, batch_size: int, class_names=None
+) -> dict[str, float]:
+  """Accuracy and macro-F1 over the split (this host's shard)."""
+  ds = data_lib.batches(
+    split,
+    batch_size=batch_size,
+    seed=0,
+    train=False,
+    image_size=config.data.image_size,
+    class_names=class_names,
+  )
+  limit = config.data.eval_limit or len(split)
+  preds, labels = [], []
+  run = _jit_logits(apply)
+  for i, batch in enumerate(data_lib.iterate(ds, 0, config.data.workers)):
+    if i * batch_size >= limit:
+      break
+    n = len(batch["label"])
+    padded = {
+      k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
+      for k, v in batch.items()
+    }  # one compiled shape for the last batch too
+    logits = np.asarray(run(params, padded["image"]))[:n]
+    keep = batch["valid"].astype(bool)
+    preds.append(logits.argmax(-1)[keep])
+    labels.append(batch["label"][keep])
+  return metrics_lib.classification(np.concatenate(preds), np.concatenate(labels))
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_logits(apply):
+  return jax.jit(apply)
+
+
+def check_finite(
+  pending: list[tuple[int, Any]], last_good: int | None, workdir: str
+) -> list[tuple[int, float]]:
+  """Fetches the pending losses; stops the run at the first one that is not finite."""
+  losses = [(s, float(l)) for s, l in pending]
+  pending.clear()
+  for s, l in losses:
+    if not math.isfinite(l):
+      raise FloatingPointError(
+        f"the loss is not finite ({l}) at step {s}; stopping. The last good checkpoint "
+        f"(step {last_good}) is kept in {workdir}/checkpoints."
+      )
+  return losses
+
+
+def flatten_state(tree: Any) -> dict[str, Any]:
+  """Orbax-friendly ``{"00000": array, ...}`` of a pytree (``None`` gaps and all)."""
+  return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def unflatten_state(like: Any, flat: dict[str, Any]) -> Any:
+  return jax.tree.unflatten(jax.tree.structure(like), [flat[k] for k in sorted(flat)])
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  workdir = config.workdir
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+
+  # ------------------------------------------------------------------------------ Data
+  train_split, eval_split = load_splits(config)
+  class_names = train_split.class_names
+  num_classes = len(class_names)
+  steps_per_epoch = len(train_split) // (config.batch_size * jax.process_count())
+  total_steps = steps_per_epoch * config.epochs
+  train_ds = data_lib.batches(
+    train_split,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    train=True,
+    image_size=config.data.image_size,
+    epochs=config.epochs,
+    crop_scale=config.data.crop_scale,
+    flip=config.data.flip,
+  )
+
+  # ------------------------------------------------------------------------------ Model
+  model, base = load_base(config, num_classes, workdir)
+  layouts = lora_fn.infer_layouts(
+    model.apply, base, jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
+  )
+  params = lora_fn.wrap(
+    base,
+    rank=config.lora.rank,
+    alpha=config.lora.alpha,
+    targets=tuple(config.lora.targets),
+    dropout=config.lora.dropout,
+    rslora=config.lora.rslora,
+    layouts=layouts,
+    key=jax.random.key(config.seed + 1),
+  )
+  trainable_spec = tuple(config.lora.trainable)
+  print(lora_fn.summary(params, trainable=trainable_spec))
+
+  # ------------------------------------------------------------------------------ Optimizer
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0,
+    config.optim.lr,
+    max(int(config.optim.warmup_fraction * total_steps), 1),
+    max(total_steps, 2),
+  )
+  tx = lora_fn.optimizer(
+    optax.chain(
+      optax.clip_by_global_norm(config.optim.grad_clip),
+      optax.adamw(schedule, weight_decay=config.optim.weight_decay),
+    ),
+    params,
+    trainable=trainable_spec,
+  )
+  trainable, frozen = lora_fn.split(params, trainable=trainable_spec)
+  trainable = jax.tree.map(jnp.copy, trainable)  # the train step donates it; the base keeps its own
+  opt_state = tx.init(trainable)
+  apply = lora_fn.lora(model.apply)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(trainable, opt_state, frozen, batch, key):
+    def loss_fn(t):
+      logits = lora_fn.lora(model.apply, key=key)(
+        lora_fn.combine(t, frozen), batch["image"].astype(model.dtype)
+      )
+      return xent(logits, batch["label"], batch["valid"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  # ------------------------------------------------------------------------------ Checkpoints
+  _, adapter_config = lora_fn._checkpoint.adapter_state(params, trainable=trainable_spec)
+  meta = {
+    "adapter": adapter_config,
+    "base_model": config.model.source,
+    "class_names": class_names,
+    "config": config.to_dict(),
+  }
+  mngr = ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, "checkpoints")),
+    options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints),
+    item_names=("state", "meta"),
+  )
+  key = jax.random.key(config.seed + 2)
+  start = 0
+  if mngr.latest_step() is not None:
+    start = mngr.latest_step()
+    saved = mngr.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    where = f"checkpoint directory {os.path.join(workdir, 'checkpoints')!r}"
+    lora_fn._checkpoint.check_compatible(saved["adapter"], adapter_config, where)
+    if saved["base_model"] != config.model.source:
+      raise ValueError(
+        f"{where} was trained on base model {saved['base_model']!r}, not "
+        f"{config.model.source!r}; use another --config.workdir."
+      )
+    like = {"trainable": trainable, "opt_state": opt_state}
+    state = mngr.restore(
+      start, args=ocp.args.Composite(state=ocp.args.StandardRestore(flatten_state(like)))
+    )["state"]
+    state = unflatten_state(like, state)
+    trainable, opt_state = state["trainable"], state["opt_state"]
+    print(f"resumed from the checkpoint at step {start}")
+
+  def save(step: int) -> None:
+    state = flatten_state({"trainable": trainable, "opt_state": opt_state})
+    mngr.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta | {"step": step})
+      ),
+    )
+
+  # ------------------------------------------------------------------------------ Train
+  log = metrics_lib.Writer(workdir, enabled=is_main)
+  best = log.best("eval", "accuracy")
+  bar = metrics_lib.progress(total_steps, start, enabled=is_main)
+  batches = data_lib.iterate(train_ds, start, config.data.workers)
+  pending: list[tuple[int, jax.Array]] = []
+  skipped, seen, t0 = 0, 0, time.perf_counter()
+  step = start
+  try:
+    for step in range(start + 1, total_steps + 1):
+      batch = next(batches)
+      skipped += int(batch["valid"].size - batch["valid"].sum())
+      seen += len(batch["label"])
+      trainable, opt_state, loss = train_step(
+        trainable, opt_state, frozen, batch, jax.random.fold_in(key, step)
+      )
+      pending.append((step, loss))
+      if step % config.log_every_steps == 0 or step == total_steps:
+        losses = check_finite(pending, mngr.latest_step(), workdir)
+        rate = seen / (time.perf_counter() - t0)
+        for s, l in losses:
+          log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
+        bar.set_postfix(loss=f"{losses[-1][1]:.4f}", img_s=f"{rate:.1f}", skipped=skipped)
+        log.scalars(step, "train", {"images_per_s": rate, "skipped_images": skipped})
+      bar.update(1)
+      if step % config.checkpoint_every_steps == 0:
+        for s, l in check_finite(pending, mngr.latest_step(), workdir):  # never save NaNs
+          log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
+        save(step)
+      epoch_end = step % steps_per_epoch == 0
+      if (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or (
+        step == total_steps
+      ):
+        merged_apply = lambda p, x: apply(p, x.astype(model.dtype))  # noqa: E731
+        result = evaluate(
+          merged_apply,
+          lora_fn.combine(trainable, frozen),
+          eval_split,
+          config,
+          config.batch_size,
+          class_names,
+        )
+        log.scalars(step, "eval", result)
+        bar.write(
+          f"step {step}: eval accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}"
+        )
+        if result["accuracy"] > best and is_main:
+          best = result["accuracy"]
+          log.save_best_adapter(lora_fn.combine(trainable, frozen), trainable_spec, meta)
+      if step == config.debug_kill_at_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+  except KeyboardInterrupt:
+    bar.write(f"interrupted at step {step}: saving a checkpoint, then stopping")
+    save(step)
+    mngr.wait_until_finished()
+    sys.exit(130)
+  bar.close()
+  if mngr.latest_step() != total_steps:
+    save(total_steps)
+  mngr.wait_until_finished()
+  params = lora_fn.combine(trainable, frozen)
+
+  # ------------------------------------------------------------------------------ Results
+  if is_main:
+    log.plot(os.path.join(workdir, "curves.png"))
+    print(f"skipped {skipped} unreadable images; curves in {workdir}/curves.png")
+    if config.export_merged:
+      path = os.path.abspath(os.path.join(workdir, "merged"))
+      ocp.StandardCheckpointer().save(path, lora_fn.merge(params), force=True)
+      print(f"merged parameters (W + s·BA) written to {path}")
+  log.close()
+  if config.compare_baselines:
+    compare_baselines(config, model, base, params, train_ds, eval_split, class_names, total_steps)
+
+
+def compare_baselines(
+  config, model, base, lora_params, train_ds, eval_split, class_names, steps
+) -> None:
+  """Full fine-tuning and a linear probe with the same data, steps and schedule, for reference."""
+  lr = optax.warmup_cosine_decay_schedule(0.0, config.optim.lr, max(steps // 20, 1), steps)
+  results = {
+    "LoRA": evaluate(
+      lora_fn.lora(model.apply), lora_params, eval_split, config, config.batch_size, class_names
+    )["accuracy"]
+  }
+  for name, lr_scale, mask in (
+    ("full fine-tune", 0.1, lambda path: True),
+    ("linear probe", 1.0, lambda path: "head" in path),
+  ):
+    labels = jax.tree_util.tree_map_with_path(
+      lambda p, _: "train" if mask(jax.tree_util.keystr(p)) else "freeze", base
+    )
+    tx = optax.multi_transform(
+      {
+        "train": optax.adamw(lambda s: lr_scale * lr(s), weight_decay=config.optim.weight_decay),
+        "freeze": optax.set_to_zero(),
+      },
+      labels,
+    )
+
+    @jax.jit
+    def step_fn(p, o, batch):
+      loss_fn = lambda p: xent(model.apply(p, batch["image"]), batch["label"], batch["valid"])  # noqa: E731
+      grads = jax.grad(loss_fn)(p)
+      updates, o = tx.update(grads, o, p)
+      return optax.apply_updates(p, updates), o
+
+    p, o = base, tx.init(base)
+    for batch in data_lib.iterate(train_ds, 0, config.data.workers):
+      p, o = step_fn(p, o, batch)
+    results[name] = evaluate(model.apply, p, eval_split, config, config.batch_size, class_names)[
+      "accuracy"
+    ]
+  trained = {"LoRA": lora_fn.summary(lora_params, trainable=tuple(config.lora.trainable))}
+  print("\nheld-out accuracy on the new classes, same steps and data:")
+  for name, acc in results.items():
+    print(f"  {name:<15} {acc:.4f}")
+  print(f"  (LoRA: {trained['LoRA'].splitlines()[0]})")
+
+
+def load_config_file(spec: str) -> Any:
+  """``get_config(arg)`` of ``path[:arg]``, as ``--config`` loads it."""
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; an unknown ``--config.key`` exits with the valid keys listed."""
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - absl wraps the ConfigDict error variously
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None and "--config" in argv:
+      spec = argv[argv.index("--config") + 1]
+    for arg in argv:
+      if not arg.startswith("--config.") or spec is None:
+        continue
+      key = arg[len("--config.") :].split("=", 1)[0]
+      node, parts = load_config_file(spec), key.split(".")
+      for i, part in enumerate(parts):
+        if not hasattr(node, "keys") or part not in node:
+          where = ".".join(parts[:i]) or "the config"
+          valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(a value)"
+          sys.exit(f"error: unknown config key {key!r}; valid keys under {where}: {valid}")
+        node = node[part]
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  app.run(main, flags_parser=parse_flags)
