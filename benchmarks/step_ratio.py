@@ -61,10 +61,10 @@ class ViT(nn.Module):
     return nn.Dense(self.classes, name="head")(nn.LayerNorm()(x[:, 0]))
 
 
-def _run(variants: dict, name: str) -> None:
+def _run(variants: dict, name: str, *batch) -> None:
   """One step; train steps donate their state, so the new state replaces the old."""
   fn, a = variants[name]
-  out = jax.block_until_ready(fn(*a))
+  out = jax.block_until_ready(fn(*a, *batch))
   if name != "floor":
     variants[name] = (fn, out[:2])
 
@@ -81,15 +81,15 @@ def main() -> None:
   labels = jax.random.randint(jax.random.key(2), (args.batch,), 0, 101)
   base = model.init(jax.random.key(0), img[:1])
 
-  def xent(logits):
+  def xent(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   # Full fine-tuning: gradients and Adam for every parameter.
   full_tx = optax.adam(1e-4)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def full_step(params, opt_state):
-    loss, grads = jax.value_and_grad(lambda p: xent(model.apply(p, img)))(params)
+  def full_step(params, opt_state, img, labels):
+    loss, grads = jax.value_and_grad(lambda p: xent(model.apply(p, img), labels))(params)
     updates, opt_state = full_tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -100,9 +100,9 @@ def main() -> None:
   apply = lora_fn.lora(model.apply)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def lora_step(params, opt_state):
+  def lora_step(params, opt_state, img, labels):
     trainable, frozen = lora_fn.split(params)
-    loss_fn = lambda t: xent(apply(lora_fn.combine(t, frozen), img))
+    loss_fn = lambda t: xent(apply(lora_fn.combine(t, frozen), img), labels)
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     updates, opt_state = lora_tx.update(grads, opt_state, trainable)
     return lora_fn.combine(optax.apply_updates(trainable, updates), frozen), opt_state, loss
@@ -110,8 +110,8 @@ def main() -> None:
   # Floor: forward plus the backward pass for the activations only (gradient w.r.t. the
   # patch tokens entering the first block), no parameter gradients and no optimizer.
   @jax.jit
-  def floor_step(params, delta):
-    return jax.value_and_grad(lambda d: xent(model.apply(params, img, d)))(delta)
+  def floor_step(params, delta, img, labels):
+    return jax.value_and_grad(lambda d: xent(model.apply(params, img, d), labels))(delta)
 
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # each variant owns (and donates) its buffers
   variants = {
@@ -123,7 +123,7 @@ def main() -> None:
   print(f"devices: {jax.devices()}  batch {args.batch}, 224x224, rank {args.rank}")
   for name in list(variants):  # compile and warm up
     t = time.perf_counter()
-    _run(variants, name)
+    _run(variants, name, img, labels)
     print(f"compiled {name} in {time.perf_counter() - t:.1f}s")
   names = list(variants)
   times: dict[str, list[float]] = {n: [] for n in names}
@@ -131,7 +131,7 @@ def main() -> None:
     # Rotate the order each round so no variant always follows the same neighbour.
     for name in names[r % len(names) :] + names[: r % len(names)]:
       t = time.perf_counter()
-      _run(variants, name)
+      _run(variants, name, img, labels)
       times[name].append(time.perf_counter() - t)
   med = {n: statistics.median(v) for n, v in times.items()}
   for n in names:
