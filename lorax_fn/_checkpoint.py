@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -69,7 +70,8 @@ def adapter_state(
     elif mark:
       arrays[p] = leaf
       extra.append(p)
-  return arrays, {"format": _FORMAT, "lora": lora, "trainable": extra}
+  shapes = {p: [list(np.shape(x)), str(np.dtype(x.dtype))] for p, x in arrays.items()}
+  return arrays, {"format": _FORMAT, "lora": lora, "trainable": extra, "arrays": shapes}
 
 
 def save_adapter(
@@ -125,6 +127,11 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
   """Raises ``ValueError`` describing the first difference between two adapter configs."""
+  if saved.get("format") != _FORMAT:
+    raise ValueError(
+      f"{where} is not a lorax_fn adapter checkpoint (format "
+      f"{saved.get('format')!r}, expected {_FORMAT!r})."
+    )
   s_lora, c_lora = saved["lora"], current["lora"]
   if set(s_lora) != set(c_lora):
     raise ValueError(
@@ -144,6 +151,12 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where
       f"{where} holds fully trained leaves {sorted(saved['trainable'])} but the model "
       f"trains {sorted(current['trainable'])}."
     )
+  for p, spec in saved["arrays"].items():
+    if spec != current["arrays"][p]:
+      raise ValueError(
+        f"{where}: {p!r} was saved with shape and dtype {spec} but the model has "
+        f"{current['arrays'][p]}."
+      )
 
 
 def restore_adapter(
@@ -178,7 +191,8 @@ def restore_adapter(
   for k, v in (metadata or {}).items():
     if saved["metadata"].get(k) != v:
       raise ValueError(f"{where} has metadata {k}={saved['metadata'].get(k)!r}; expected {v!r}.")
-  target = _nest({p: np.zeros(x.shape, x.dtype) for p, x in arrays.items()})
+  # Abstract targets: Orbax checks shapes and restores jax arrays with the model's shardings.
+  target = _nest({p: _abstract(x) for p, x in arrays.items()})
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     loaded = ckpt.restore(
       os.path.abspath(path), args=ocp.args.Composite(adapter=ocp.args.StandardRestore(target))
@@ -186,9 +200,15 @@ def restore_adapter(
   return load_adapter_state(params, _flatten(loaded))
 
 
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+  sharding = getattr(x, "sharding", None)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
 def load_adapter_state(params: Any, arrays: Mapping[str, Any]) -> Any:
   """Puts ``{path: array}`` from :func:`adapter_state` back into ``params``."""
-  import dataclasses
 
   def put(path: Any, leaf: Any) -> Any:
     p = _paths.path_str(path)

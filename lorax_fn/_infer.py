@@ -76,7 +76,15 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[int, AxisMap]], rec: _Recorder) -
       tracked[eqn.outvars[0]] = first
     elif name == "transpose" and first:
       tracked[eqn.outvars[0]] = (first[0], tuple(first[1][i] for i in p["permutation"]))
-    elif name in ("reshape", "squeeze", "broadcast_in_dim") and first:
+    elif name == "broadcast_in_dim" and first:
+      new_map = [()] * len(eqn.outvars[0].aval.shape)
+      for old, new in enumerate(p["broadcast_dimensions"]):
+        new_map[new] = first[1][old]
+      tracked[eqn.outvars[0]] = (first[0], tuple(new_map))
+    elif name == "squeeze" and first:
+      kept = [m for i, m in enumerate(first[1]) if i not in p["dimensions"]]
+      tracked[eqn.outvars[0]] = (first[0], tuple(kept))
+    elif name == "reshape" and first:
       old_shape, new_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
       new_map: list[tuple[int, ...]] = [()] * len(new_shape)
       for gi, gj in _reshape_groups(old_shape, new_shape):

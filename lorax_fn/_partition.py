@@ -14,7 +14,11 @@ _BIAS_MODES = ("none", "all", "lora_only")
 
 
 def trainable_mask(
-  params: Any, *, trainable: _paths.Targets | None = None, bias: str = "none"
+  params: Any,
+  *,
+  trainable: _paths.Targets | None = None,
+  bias: str = "none",
+  allow_empty: bool = False,
 ) -> Any:
   """A pytree of bools, one per array leaf: ``True`` where the leaf is trained.
 
@@ -25,7 +29,8 @@ def trainable_mask(
   beside a LoRA kernel.
 
   Raises:
-    ValueError: if ``bias`` is unknown or ``trainable`` matches nothing.
+    ValueError: if ``bias`` is unknown, ``trainable`` matches nothing, or (unless
+      ``allow_empty``) nothing at all is trainable, e.g. an unwrapped tree was passed.
   """
   if bias not in _BIAS_MODES:
     raise ValueError(f"bias must be one of {_BIAS_MODES}; got: {bias!r}")
@@ -33,19 +38,25 @@ def trainable_mask(
   paths = [_paths.path_str(p) for p, _ in flat]
   lora_modules = {p.rsplit("/", 1)[0] for p, (_, x) in zip(paths, flat) if is_lora(x)}
   match = _extra_matcher(trainable)
-  marks = []
+  marks, selected = [], False
   for path, (_, x) in zip(paths, flat):
     if is_lora(x):
       marks.append(dataclasses.replace(x, w=False, a=True, b=True))
       continue
     name, module = path.rsplit("/", 1)[-1], path.rsplit("/", 1)[0] if "/" in path else ""
-    on = match is not None and match(path, x)
-    on |= name == "bias" and (bias == "all" or (bias == "lora_only" and module in lora_modules))
-    marks.append(on)
-  if match is not None and not any(m is True for m in marks):
+    hit = match is not None and bool(match(path, x))
+    selected |= hit
+    on = name == "bias" and (bias == "all" or (bias == "lora_only" and module in lora_modules))
+    marks.append(hit or on)
+  if match is not None and not selected:
     raise ValueError(
       f"trainable {trainable!r} matched no parameter; nearest available paths: "
       f"{_near(trainable, paths)}"
+    )
+  if not allow_empty and not lora_modules and not any(marks):
+    raise ValueError(
+      "params hold no LoRA leaf and no trainable leaf, so nothing would be trained; pass the "
+      "tree returned by lorax_fn.wrap (or name leaves with trainable=)."
     )
   return jax.tree_util.tree_unflatten(treedef, marks)
 

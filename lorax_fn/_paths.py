@@ -76,15 +76,20 @@ def make_matcher(
   Names match whole path components: a name selects a leaf if it equals the leaf's own
   name, or a component of its module path while the leaf's name is a kernel name
   (``kernel``, ``embedding``, ...). Biases and norm scales are never selected by name.
+  A regex that matches the whole path selects that leaf whatever it is; one that matches
+  only part of it (``"query|value"``) selects kernels only, as names do.
   """
-  if callable(targets) and not isinstance(targets, re.Pattern):
-    return targets
+  if callable(targets):
+    return lambda path, leaf: bool(targets(path, leaf))
   if isinstance(targets, (str, re.Pattern)):
     regex = re.compile(targets) if isinstance(targets, str) else targets
 
     def match_regex(path: str, leaf: Any) -> bool:
       del leaf
-      return regex.fullmatch(path) is not None or regex.search(path) is not None
+      if regex.fullmatch(path) is not None:  # a pattern for the whole path selects anything
+        return True
+      # A partial match ("query|value", as in PEFT) selects kernels only, never biases.
+      return regex.search(path) is not None and path.rsplit("/", 1)[-1] in kernel_names
 
     return match_regex
   if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lorax_fn._leaves import LoraLeaf, factor_axes, lowrank_product
+from lorax_fn._leaves import LoraLeaf, factor_axes, merge_dense
 
 Labels = tuple[Any, ...]
 
@@ -48,11 +48,7 @@ class LoraVal:
     return self.w.ndim
 
   def materialize(self) -> jax.Array:
-    dtype = jnp.promote_types(self.a.dtype, self.w.dtype)
-    delta = lowrank_product(
-      self.a.astype(dtype), self.a_axes, self.b.astype(dtype), self.b_axes, self.ndim
-    )
-    return (self.w.astype(dtype) + self.scale * delta).astype(self.w.dtype)
+    return merge_dense(self.w, self.a, self.a_axes, self.b, self.b_axes, self.scale)
 
   def labels(self) -> tuple[Labels, Labels]:
     """Factor labels with the rank axis as the label ``"r"``."""
@@ -271,9 +267,7 @@ VIEW_RULES: dict[str, Callable[..., LoraVal]] = {
   "slice": view_slice,
   "dynamic_slice": view_dynamic_slice,
   "copy": view_identity,
-  "copy_p": view_identity,
   "sharding_constraint": view_identity,
-  "optimization_barrier": view_identity,
 }
 
 
@@ -302,9 +296,10 @@ class FirstStep:
 def first_step_plan(eqn: Any, lhs: Any, rhs: Any) -> FirstStep | None:
   """The shareable first step of a LoRA ``dot_general``, or None if it has none.
 
-  It has one when every axis of A except the rank is contracted with ``x`` and there are
-  no batch dimensions: then ``x·Aᵀ`` of several kernels that read the same ``x`` (the q, k
-  and v projections) is one matmul against their stacked A's, which reads ``x`` once.
+  It has one when every axis of A except the rank is contracted with ``x``, no contracted
+  axis is also in B (a contracted stack axis must be summed after the product with B) and
+  there are no batch dimensions: then ``x·Aᵀ`` of several kernels that read the same ``x``
+  (the q, k and v projections) is one matmul against their stacked A's, reading ``x`` once.
   """
   if isinstance(lhs, LoraVal) == isinstance(rhs, LoraVal):
     return None
@@ -312,8 +307,8 @@ def first_step_plan(eqn: Any, lhs: Any, rhs: Any) -> FirstStep | None:
   w_is_lhs = isinstance(lhs, LoraVal)
   v, x = (lhs, rhs) if w_is_lhs else (rhs, lhs)
   wc, xc, wb = (lc, rc, lb) if w_is_lhs else (rc, lc, rb)
-  a_lab, _ = v.labels()
-  if wb or set(a_lab) != set(wc) | {"r"} or len(a_lab) != len(wc) + 1:
+  a_lab, b_lab = v.labels()
+  if wb or set(a_lab) != set(wc) | {"r"} or set(wc) & set(b_lab):
     return None
   a2 = arrange(v.a, a_lab, ["r", *wc]).reshape(v.a.shape[a_lab.index("r")], -1)
   return FirstStep(

@@ -37,7 +37,7 @@ def summary(params: Any, *, trainable: _paths.Targets | None = None, bias: str =
     path          shape   layout      rank  alpha  params
     dense/kernel  (5, 7)  (in, out)      2    2.0      24
   """
-  mask = trainable_mask(params, trainable=trainable, bias=bias)
+  mask = trainable_mask(params, trainable=trainable, bias=bias, allow_empty=True)
   total = sum(_size(x) for x in jax.tree.leaves(params))
   on = sum(_size(x) for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m)
   pct = 100.0 * on / total if total else 0.0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -115,7 +115,8 @@ def wrap(
     rank: LoRA rank ``r`` (overridable per target with ``rank_pattern``).
     targets: names matched against path components (``("query", "value")`` selects
       ``.../query/kernel``), a regex over the ``"/"``-joined path, or a callable
-      ``(path, leaf) -> bool``. Names select only kernels and embedding tables.
+      ``(path, leaf) -> bool``. Names, and a regex matching only part of a path, select only
+      kernels and embedding tables; a regex matching a whole path selects that leaf.
     key: PRNG key; each targeted leaf gets its own subkey.
     alpha: LoRA alpha; ``None`` means ``alpha = rank`` (each leaf's own rank, so scale 1).
     init: ``"kaiming"`` (PEFT's default: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
@@ -162,8 +163,8 @@ def wrap(
       k,
       path,
       leaf,
-      rank=_paths.lookup_pattern(rank_pattern, path) or rank,
-      alpha=_paths.lookup_pattern(alpha_pattern, path) or alpha,
+      rank=_or(_paths.lookup_pattern(rank_pattern, path), rank),
+      alpha=_or(_paths.lookup_pattern(alpha_pattern, path), alpha),
       init=init,
       dtype=dtype,
       rslora=rslora,
@@ -171,6 +172,10 @@ def wrap(
       layout=_paths.lookup_pattern(layouts, path),
     )
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _or(value: Any, default: Any) -> Any:
+  return default if value is None else value
 
 
 def _raise_no_match(targets: Any, paths: list[str]) -> None:
@@ -262,6 +267,3 @@ def unwrap(params: Any) -> Any:
 def lora_paths(params: Any) -> dict[str, LoraLeaf]:
   """``{path: leaf}`` of the LoRA leaves of ``params``."""
   return {p: x for p, x in _flatten(params)[0] if is_lora(x)}
-
-
-Predicate = Callable[[str, Any], bool]

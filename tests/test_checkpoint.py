@@ -89,3 +89,22 @@ def test_restore_into_a_different_model_is_an_error(tmp_path, model, kwargs, reg
   lora_fn.save_adapter(tmp_path / "a", _params(), metadata={"base_model": "toy/v1"})
   with pytest.raises(ValueError, match=regex):
     lora_fn.restore_adapter(tmp_path / "a", _params(**model), **kwargs)
+
+
+def test_extra_leaf_shape_mismatch_is_an_error(tmp_path):
+  p = _params()
+  lora_fn.save_adapter(tmp_path / "a", p, trainable=("head",))
+  other = dict(p, head={"kernel": jnp.zeros((13, 5)), "bias": jnp.zeros(5)})
+  with pytest.raises(
+    ValueError,
+    match=r"'head/bias' was saved with shape and dtype \[\[7\], "
+    r"'float32'\] but the model has \[\[5\], 'float32'\]",
+  ):
+    lora_fn.restore_adapter(tmp_path / "a", other, trainable=("head",))
+
+
+def test_restored_arrays_are_jax_arrays(tmp_path):
+  p = _params()
+  lora_fn.save_adapter(tmp_path / "a", p)
+  restored = lora_fn.restore_adapter(tmp_path / "a", p)
+  assert isinstance(restored["enc"]["query"]["kernel"].a, jax.Array)

@@ -48,3 +48,11 @@ def test_conflicting_roles_are_an_error():
 
   with pytest.raises(ValueError, match=r"kernel at 'w' is used with conflicting axis roles"):
     lora_fn.infer_layouts(fn, {"w": jnp.ones((5, 2, 5))}, jnp.ones((3, 5)))
+
+
+def test_broadcast_kernel_is_followed():
+  def fn(p, x):
+    return jnp.einsum("bnd,bdo->bno", x, jnp.broadcast_to(p["w"], (2, 5, 7)))
+
+  layouts = lora_fn.infer_layouts(fn, {"w": jnp.ones((5, 7))}, jnp.ones((2, 3, 5)))
+  assert layouts == {"w": ("in", "out")}

@@ -288,3 +288,41 @@ def test_sites_reading_the_same_input_share_one_first_matmul():
   dropped = lora_fn.wrap(params, rank=2, targets=("query", "key", "value"), key=K(5), dropout=0.1)
   jaxpr = jax.make_jaxpr(lora_fn.lora(fn, key=K(8)))(dropped, x)
   assert sum(e.primitive.name == "dot_general" for e in jaxpr.jaxpr.eqns) == 9
+
+
+def test_contracted_stack_axis_is_not_shared():
+  # Two kernels read the same x and contract their stack axis: x·Aᵀ must not be shared.
+  params = {n: {"w": jax.random.normal(K(i), (2, 3, 5))} for i, n in enumerate(("p", "q"))}
+  layouts = {"w": ("stack", "in", "out")}
+
+  def fn(p, x):
+    return tuple(jnp.einsum("nld,ldo->no", x, p[n]["w"]) for n in ("p", "q"))
+
+  wrapped = randomize(lora_fn.wrap(params, rank=2, targets=("w",), layouts=layouts, key=K(1)), K(2))
+  x = jax.random.normal(K(3), (4, 2, 3))
+  assert_trees_close(jax.jit(lora_fn.lora(fn))(wrapped, x), fn(explicit_merge(wrapped), x))
+
+
+def test_custom_vjp_rule_on_a_kernel_is_kept():
+  @jax.custom_vjp
+  def clip_grad(w):
+    return w
+
+  clip_grad.defvjp(lambda w: (w, None), lambda _, g: (jnp.clip(g, -1e-3, 1e-3),))
+  fn = lambda p, x: jnp.sum(x @ clip_grad(p["w"]))  # noqa: E731
+  wrapped = randomize(lora_fn.wrap({"w": jnp.ones((5, 7))}, rank=2, targets=("w",), key=K(0)), K(1))
+  x = jax.random.normal(K(2), (3, 5))
+  trainable, frozen = lora_fn.split(wrapped)
+  with pytest.warns(lora_fn.MaterializeWarning, match="custom_vjp_call"):
+    got = jax.grad(lambda t: lora_fn.lora(fn)(lora_fn.combine(t, frozen), x))(trainable)
+  want = jax.grad(lambda t: fn(lora_fn.merge(lora_fn.combine(t, frozen)), x))(trainable)
+  assert_trees_close(got, want)
+
+
+def test_optimization_barrier_falls_back():
+  fn = lambda p, x: x @ jax.lax.optimization_barrier(p["w"])  # noqa: E731
+  wrapped = randomize(lora_fn.wrap({"w": jnp.ones((5, 7))}, rank=2, targets=("w",), key=K(0)), K(1))
+  x = jax.random.normal(K(2), (3, 5))
+  with pytest.warns(lora_fn.MaterializeWarning, match="optimization_barrier"):
+    got = lora_fn.lora(fn)(wrapped, x)
+  assert_trees_close(got, fn(lora_fn.merge(wrapped), x))

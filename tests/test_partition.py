@@ -104,3 +104,20 @@ def test_split_is_jittable_and_grad_skips_frozen():
 def test_split_errors(kwargs, exc, regex):
   with pytest.raises(exc, match=regex):
     lora_fn.split(_wrapped(), **kwargs)
+
+
+def test_typo_is_reported_even_with_bias_all():
+  with pytest.raises(ValueError, match=r"trainable \('haed',\) matched no parameter"):
+    lora_fn.split(_wrapped(), trainable=("haed",), bias="all")
+
+
+def test_predicate_may_return_any_truthy_value():
+  import re
+
+  trainable, _ = lora_fn.split(_wrapped(), trainable=lambda p, x: re.search("head/kernel", p))
+  assert trainable["head"]["kernel"] is not None and trainable["head"]["bias"] is None
+
+
+def test_unwrapped_tree_is_an_error():
+  with pytest.raises(ValueError, match=r"params hold no LoRA leaf and no trainable leaf"):
+    lora_fn.split({"k": jnp.ones((3, 3))})

@@ -29,8 +29,12 @@ def _write_folder(root):
     f.write(b"this is not a png")
 
 
-def _run(workdir, data, *extra, check=True):
-  cmd = [
+_ENV = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+
+
+def _command(workdir, data, *extra):
+  """A tiny random-base run on the image folder: 8 steps, checkpoints every 3."""
+  return [
     sys.executable,
     os.path.join(ROOT, "train", "run.py"),
     "--config",
@@ -53,8 +57,12 @@ def _run(workdir, data, *extra, check=True):
     "--config.optim.lr=0.01",
     *extra,
   ]
-  env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _run(workdir, data, *extra, check=True):
+  proc = subprocess.run(
+    _command(workdir, data, *extra), capture_output=True, text=True, env=_ENV, timeout=600
+  )
   if check and proc.returncode != 0:
     raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
   return proc
@@ -148,10 +156,12 @@ def test_best_adapter_is_small_and_reproduces_eval(runs):
   raw = sum(np.asarray(x).nbytes for x in arrays.values())
   assert _dir_bytes(work / "best_adapter") <= 1.1 * raw + 64 * 1024
   _, eval_split = run_lib.load_splits(config)
-  got = run_lib.evaluate(lora_fn.lora(model.apply), params, eval_split, config, 4, sorted(CLASSES))
-  records = _records(work)
-  best = max(r["accuracy"] for r in records if r["split"] == "eval")
+  got, logits = run_lib.evaluate(
+    lora_fn.lora(model.apply), params, eval_split, config, 4, sorted(CLASSES), return_logits=True
+  )
+  best = max(r["accuracy"] for r in _records(work) if r["split"] == "eval")
   assert got["accuracy"] == best
+  np.testing.assert_array_equal(logits, np.load(work / "best_eval_logits.npy"))
 
 
 def test_resume_with_other_rank_is_an_error(runs):
@@ -178,3 +188,38 @@ def test_config_overrides_apply():
   assert config.lora.targets == ("query", "key", "value", "out", "mlp_in", "mlp_out")
   digits = run_lib.load_config_file(os.path.join(ROOT, "configs", "digits.py"))
   assert digits.model.source == "pretrain:digits" and digits.data.flip is False
+
+
+def test_non_finite_loss_stops_the_run(tmp_path):
+  data = tmp_path / "food"
+  _write_folder(data)
+  proc = _run(
+    tmp_path / "w", data, "--config.optim.lr=1e30", "--config.optim.grad_clip=1e30", check=False
+  )
+  assert proc.returncode != 0
+  assert "the loss is not finite" in proc.stderr and "stopping" in proc.stderr
+
+
+def test_sigint_saves_and_resumes(tmp_path):
+  import signal
+  import time
+
+  data = tmp_path / "food"
+  _write_folder(data)
+  work = tmp_path / "w"
+  args = [*_command(work, data), "--config.epochs=40"]
+  proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_ENV)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+    os.path.exists(work / "metrics.jsonl") and len(_records(work)) > 5
+  ):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-2000:]
+  step = int((out + err).split("interrupted at step ")[1].split(":")[0])
+  assert os.path.isdir(work / "checkpoints" / str(step))
+  resumed = _run(
+    work, data, "--config.epochs=40", "--config.debug_kill_at_step=" + str(step + 1), check=False
+  )
+  assert f"resumed from the checkpoint at step {step}" in resumed.stdout

@@ -259,3 +259,13 @@ def test_wrapping_twice_is_an_error():
   p = lora_fn.wrap(_params(), rank=2, targets=("mlp",), key=K(0))
   with pytest.raises(ValueError, match=r"the leaf at 'enc/mlp/kernel' is already a LoRA leaf"):
     lora_fn.wrap(p, rank=2, targets=("mlp",), key=K(0))
+
+
+def test_partial_regex_selects_kernels_only():
+  p = lora_fn.wrap(_params(), rank=2, targets="query|value", key=K(0))
+  assert _lora_paths(p) == ["enc/query/kernel", "enc/value/kernel"]
+
+
+def test_rank_pattern_zero_is_an_error():
+  with pytest.raises(ValueError, match=r"rank for 'enc/mlp/kernel' must be a positive int; got: 0"):
+    lora_fn.wrap(_params(), rank=2, targets=("mlp",), rank_pattern={"mlp": 0}, key=K(0))

@@ -75,8 +75,17 @@ class Writer:
     """The best value logged so far (a resumed run keeps its best checkpoint)."""
     return max((r[key] for r in self.records() if r["split"] == split and key in r), default=-1.0)
 
-  def save_best_adapter(self, params: Any, trainable: Sequence[str], meta: Mapping) -> None:
-    """Replaces ``workdir/best_adapter`` atomically: write beside it, then rename."""
+  def save_best_adapter(
+    self, params: Any, trainable: Sequence[str], meta: Mapping, logits: np.ndarray
+  ) -> None:
+    """Replaces ``workdir/best_adapter`` atomically: write beside it, then rename.
+
+    Its eval logits go beside it (``best_eval_logits.npy``) so restored adapters can be
+    checked against them.
+    """
+    tmp_logits = os.path.join(self.workdir, "best_eval_logits.tmp.npy")
+    np.save(tmp_logits, logits)
+    os.replace(tmp_logits, os.path.join(self.workdir, "best_eval_logits.npy"))
     final = os.path.abspath(os.path.join(self.workdir, "best_adapter"))
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)

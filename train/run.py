@@ -121,9 +121,15 @@ def pretrain_digits(config, model, path: str) -> Any:
 
 
 def evaluate(
-  apply, params, split: data_lib.Split, config, batch_size: int, class_names=None
-) -> dict[str, float]:
-  """Accuracy and macro-F1 over the split (this host's shard)."""
+  apply,
+  params,
+  split: data_lib.Split,
+  config,
+  batch_size: int,
+  class_names=None,
+  return_logits: bool = False,
+) -> Any:
+  """Accuracy and macro-F1 over the split (this host's shard), and the logits if asked."""
   ds = data_lib.batches(
     split,
     batch_size=batch_size,
@@ -133,7 +139,7 @@ def evaluate(
     class_names=class_names,
   )
   limit = config.data.eval_limit or len(split)
-  preds, labels = [], []
+  preds, labels, kept = [], [], []
   run = _jit_logits(apply)
   for i, batch in enumerate(data_lib.iterate(ds, 0, config.data.workers)):
     if i * batch_size >= limit:
@@ -147,7 +153,9 @@ def evaluate(
     keep = batch["valid"].astype(bool)
     preds.append(logits.argmax(-1)[keep])
     labels.append(batch["label"][keep])
-  return metrics_lib.classification(np.concatenate(preds), np.concatenate(labels))
+    kept.append(logits[keep])
+  result = metrics_lib.classification(np.concatenate(preds), np.concatenate(labels))
+  return (result, np.concatenate(kept)) if return_logits else result
 
 
 @functools.lru_cache(maxsize=8)
@@ -163,10 +171,12 @@ def check_finite(
   pending.clear()
   for s, l in losses:
     if not math.isfinite(l):
-      raise FloatingPointError(
-        f"the loss is not finite ({l}) at step {s}; stopping. The last good checkpoint "
-        f"(step {last_good}) is kept in {workdir}/checkpoints."
+      kept = (
+        f"the last good checkpoint (step {last_good}) is kept in {workdir}/checkpoints"
+        if last_good is not None
+        else "no checkpoint had been saved yet"
       )
+      raise FloatingPointError(f"the loss is not finite ({l}) at step {s}; stopping: {kept}.")
   return losses
 
 
@@ -291,7 +301,17 @@ def main(argv: list[str]) -> None:
     mngr.save(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta | {"step": step})
+        state=ocp.args.StandardSave(state),
+        # Batches are indexed by step and the dropout key is fold_in(key, step), so the step
+        # is both the data position and the RNG state.
+        meta=ocp.args.JsonSave(
+          meta
+          | {
+            "step": step,
+            "data_position": {"batch": step, "examples": step * config.batch_size},
+            "rng": {"seed": config.seed + 2, "per_step": "fold_in(key, step)"},
+          }
+        ),
       ),
     )
 
@@ -329,13 +349,14 @@ def main(argv: list[str]) -> None:
         step == total_steps
       ):
         merged_apply = lambda p, x: apply(p, x.astype(model.dtype))  # noqa: E731
-        result = evaluate(
+        result, logits = evaluate(
           merged_apply,
           lora_fn.combine(trainable, frozen),
           eval_split,
           config,
           config.batch_size,
           class_names,
+          return_logits=True,
         )
         log.scalars(step, "eval", result)
         bar.write(
@@ -343,7 +364,7 @@ def main(argv: list[str]) -> None:
         )
         if result["accuracy"] > best and is_main:
           best = result["accuracy"]
-          log.save_best_adapter(lora_fn.combine(trainable, frozen), trainable_spec, meta)
+          log.save_best_adapter(lora_fn.combine(trainable, frozen), trainable_spec, meta, logits)
       if step == config.debug_kill_at_step:
         os.kill(os.getpid(), signal.SIGKILL)
   except KeyboardInterrupt:
