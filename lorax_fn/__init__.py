@@ -6,6 +6,7 @@ from lorax_fn._interpret import MaterializeWarning, lora
 from lorax_fn._leaves import Layout, LoraLeaf, is_lora
 from lorax_fn._optim import LoraOptState, optimizer
 from lorax_fn._partition import combine, split, trainable_mask
+from lorax_fn._quant import QuantLeaf, is_quant, quantize
 from lorax_fn._summary import summary
 from lorax_fn._wrap import default_layout, merge, unwrap, wrap
 
@@ -21,6 +22,9 @@ __all__ = [
   "lora",
   "merge",
   "optimizer",
+  "QuantLeaf",
+  "is_quant",
+  "quantize",
   "read_adapter_config",
   "restore_adapter",
   "save_adapter",

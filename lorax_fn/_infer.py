@@ -7,10 +7,10 @@ from typing import Any
 
 import jax
 import jax.extend.core as jex
-import numpy as np
 
 from lorax_fn import _paths
 from lorax_fn._leaves import Layout, is_lora
+from lorax_fn._quant import is_quant
 from lorax_fn._rules import _reshape_groups
 
 # Each tracked value maps its axes to the parameter axes they stand for.
@@ -167,10 +167,12 @@ def infer_layouts(
     >>> lora_fn.infer_layouts(fn, params, jnp.ones((2, 5)))
     {'w': ('stack', 'in', 'out')}
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+    params, is_leaf=lambda x: is_lora(x) or is_quant(x)
+  )
   paths = [_paths.path_str(p) for p, _ in flat]
   arrays = [x.w if is_lora(x) else x for _, x in flat]
-  specs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in arrays]
+  specs = [jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for x in arrays]
 
   def flat_fn(*leaves: Any) -> Any:
     return fn(jax.tree_util.tree_unflatten(treedef, leaves), *args, **kwargs)

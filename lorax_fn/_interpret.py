@@ -23,6 +23,7 @@ from jax import lax
 
 from lorax_fn import _paths
 from lorax_fn._leaves import LoraLeaf, is_lora
+from lorax_fn._quant import QuantLeaf, is_quant
 from lorax_fn._rules import (
   COMPUTE_RULES,
   VIEW_RULES,
@@ -299,16 +300,29 @@ _HIGHER_ORDER: dict[str, Callable[[_Ctx, Any, list[Any]], list[Any]]] = {
 # ----------------------------------------------------------------------------------------
 
 
+def _is_node(x: Any) -> bool:
+  return is_lora(x) or is_quant(x)
+
+
 def _is_dynamic(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic, LoraLeaf))
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, LoraLeaf, QuantLeaf))
 
 
 def _stand_in(x: Any) -> jax.ShapeDtypeStruct:
   if is_lora(x):
     x = x.w
+  if is_quant(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
   aval = jax.typeof(x) if isinstance(x, jax.Array) else None
   weak = bool(getattr(aval, "weak_type", False))
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=weak)
+
+
+def _bind_value(x: Any) -> Any:
+  """The interpreter's value for an argument leaf; a quantised base is decoded in the trace."""
+  if is_lora(x):
+    return LoraVal.from_leaf(x, x.base(), x.a, x.b)
+  return x.dequantize() if is_quant(x) else x
 
 
 def _check_leaves(args: Any) -> None:
@@ -355,16 +369,14 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
 
   @functools.wraps(fn)
   def wrapped(*args: Any, **kwargs: Any) -> Any:
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_lora)
-    if not any(is_lora(x) for x in leaves):
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=_is_node)
+    if not any(_is_node(x) for x in leaves):
       return fn(*args, **kwargs)
     _check_leaves((args, kwargs))
     dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
     stand_ins = [_stand_in(leaves[i]) for i in dyn]
     closed, out_tree = _trace(fn, cache, leaves, treedef, dyn, stand_ins)
-    vals = [
-      LoraVal.from_leaf(x, x.w, x.a, x.b) if is_lora(x) else x for x in (leaves[i] for i in dyn)
-    ]
+    vals = [_bind_value(x) for x in (leaves[i] for i in dyn)]
     outs = eval_jaxpr(_Ctx(key), closed.jaxpr, closed.consts, vals)
     return jax.tree_util.tree_unflatten(out_tree, [_concrete(o) for o in outs])
 

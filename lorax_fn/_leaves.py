@@ -123,16 +123,24 @@ class LoraLeaf:
     return self.scale * prod
 
   def merged(self, dtype: jnp.dtype | None = None) -> jax.Array:
-    """``W + scale * B·A`` as one dense array, in ``dtype`` (default: ``w``'s dtype)."""
+    """``W + scale * B·A`` as one dense array, in ``dtype`` (default: ``w``'s dtype).
+
+    A quantised base is dequantised first; quantising the result again would change the
+    model's outputs (the low-rank update is not on the quantisation grid).
+    """
     a_axes, b_axes = factor_axes(self.roles)
-    return merge_dense(self.w, self.a, a_axes, self.b, b_axes, self.scale, dtype)
+    return merge_dense(self.base(), self.a, a_axes, self.b, b_axes, self.scale, dtype)
+
+  def base(self) -> jax.Array:
+    """The base weight as an array (a quantised base dequantised)."""
+    return self.w.dequantize() if hasattr(self.w, "dequantize") else self.w
 
   def check(self, path: str) -> None:
     """Raises ``ValueError`` naming ``path`` if the factor shapes do not fit ``w``."""
-    if len(self.roles) != self.w.ndim:
+    if len(self.roles) != len(self.shape):
       raise ValueError(
         f"LoRA leaf at {path!r}: roles {self.roles} must name every axis of the base "
-        f"weight of shape {self.shape}; got {len(self.roles)} roles for {self.w.ndim} axes."
+        f"weight of shape {self.shape}; got {len(self.roles)} roles for {len(self.shape)} axes."
       )
     a_shape, b_shape = factor_shapes(self.w.shape, self.roles, self.rank)
     if tuple(self.a.shape) != a_shape or tuple(self.b.shape) != b_shape:

@@ -218,3 +218,81 @@ def quantize_array(
 def is_quant(x: object) -> bool:
   """True for a :class:`QuantLeaf`."""
   return isinstance(x, QuantLeaf)
+
+
+def quantize(
+  params: Any,
+  kind: str,
+  *,
+  targets: Any,
+  block_size: int = 64,
+  double_quant: bool = True,
+) -> Any:
+  """Replaces the targeted frozen kernels by :class:`QuantLeaf` nodes (QLoRA's base).
+
+  ``"nf4"`` is bitsandbytes' NF4 bit-for-bit (code table, row-major blocks that straddle
+  rows with a short tail, float32 absmax, ties to the lower code, element 2k in the high
+  nibble); with ``double_quant`` the block scales are quantised again with the 8-bit dynamic
+  code in blocks of 256, 4.127 bits per parameter at block size 64. ``"int4"`` is symmetric
+  per-block (codes -8..7 over 7) and ``"int8"`` per-block absmax (-128..127 over 127), for
+  comparison. Compose with :func:`lorax_fn.wrap` for QLoRA. Quantisation runs on the host,
+  leaf by leaf and chunk by chunk.
+
+  Args:
+    params: a pytree of arrays (it may already hold LoRA leaves over plain bases).
+    kind: ``"nf4"``, ``"int4"`` or ``"int8"``.
+    targets: as for :func:`lorax_fn.wrap`.
+    block_size: elements per block; a positive power of two.
+    double_quant: quantise the block scales too (bitsandbytes' ``compress_statistics``).
+
+  Returns:
+    A new pytree with :class:`QuantLeaf` nodes at the targets.
+
+  Raises:
+    ValueError: for an unknown kind, a bad block size, targets that match nothing or a leaf
+      that is already quantised.
+    TypeError: if a targeted leaf is not a float array.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> p = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (64, 32))}}
+    >>> q = lora_fn.quantize(p, "nf4", targets=("dense",))
+    >>> q["dense"]["kernel"].codes.shape, q["dense"]["kernel"].dequantize().shape
+    ((1024,), (64, 32))
+  """
+  from lorax_fn import _paths
+  from lorax_fn._leaves import is_lora
+
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}; got: {kind!r}")
+  if not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1):
+    raise ValueError(f"block_size must be a positive power of two; got: {block_size!r}")
+  match = _paths.make_matcher(targets)
+  is_node = lambda x: is_lora(x) or is_quant(x)  # noqa: E731
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
+  paths = [_paths.path_str(p) for p, _ in flat]
+  hits = [i for i, (path, (_, x)) in enumerate(zip(paths, flat)) if match(path, x)]
+  if not hits:
+    near = _paths.nearest_paths(
+      str(targets), [p for p, (_, x) in zip(paths, flat) if getattr(x, "ndim", 0) >= 2]
+    )
+    raise ValueError(f"targets {targets!r} matched no parameter; nearest available paths: {near}")
+  out = [x for _, x in flat]
+  for i in hits:
+    path, leaf = paths[i], out[i]
+    base = leaf.w if is_lora(leaf) else leaf
+    if is_quant(base):
+      raise ValueError(f"the leaf at {path!r} is already quantised ({base.kind}).")
+    if not jnp.issubdtype(getattr(base, "dtype", np.dtype(object)), jnp.floating):
+      raise TypeError(
+        f"the targeted leaf at {path!r} must be a float array; got: "
+        f"{getattr(base, 'dtype', type(base).__name__)}"
+      )
+    q = quantize_array(base, kind, block_size=block_size, double_quant=double_quant)
+    out[i] = dataclasses.replace(leaf, w=q) if is_lora(leaf) else q
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def dequantize_tree(params: Any) -> Any:
+  """Every :class:`QuantLeaf` replaced by its dequantised array (original dtype)."""
+  return jax.tree.map(lambda x: x.dequantize() if is_quant(x) else x, params, is_leaf=is_quant)

@@ -9,7 +9,8 @@ import jax
 
 from lorax_fn import _paths
 from lorax_fn._leaves import is_lora
-from lorax_fn._partition import trainable_mask
+from lorax_fn._partition import partition, trainable_mask
+from lorax_fn._quant import is_quant
 
 
 def _size(x: Any) -> int:
@@ -38,8 +39,9 @@ def summary(params: Any, *, trainable: _paths.Targets | None = None, bias: str =
     dense/kernel  (5, 7)  (in, out)      2    2.0      24
   """
   mask = trainable_mask(params, trainable=trainable, bias=bias, allow_empty=True)
-  total = sum(_size(x) for x in jax.tree.leaves(params))
-  on = sum(_size(x) for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m)
+  # A quantised base counts as the parameters it stands for, as PEFT counts 4-bit weights.
+  total = sum(_size(x) for x in jax.tree.leaves(params, is_leaf=is_quant))
+  on = sum(_size(x) for x in jax.tree.leaves(partition(params, mask)[0]))
   pct = 100.0 * on / total if total else 0.0
   line = f"trainable params: {on:,} || all params: {total:,} || trainable%: {pct:.4f}"
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]

@@ -12,6 +12,7 @@ import numpy as np
 
 from lorax_fn import _paths
 from lorax_fn._leaves import ROLES, Layout, LoraLeaf, factor_shapes, is_lora
+from lorax_fn._quant import is_quant
 
 _INITS = ("kaiming", "gaussian")
 _ATTN_IN = ("query", "key", "value")  # Flax MultiHeadDotProductAttention: (in, heads, head_dim)
@@ -88,7 +89,9 @@ def _init_factors(
 
 
 def _flatten(params: Any) -> tuple[list[tuple[str, Any]], Any]:
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(
+    params, is_leaf=lambda x: is_lora(x) or is_quant(x)
+  )
   return [(_paths.path_str(p), x) for p, x in leaves], treedef
 
 
@@ -248,7 +251,13 @@ def merge(params: Any, *, dtype: Any = None) -> Any:
     >>> bool((lora_fn.merge(p)["k"] == jnp.eye(3)).all())  # B = 0 at init
     True
   """
-  return jax.tree.map(lambda x: x.merged(dtype) if is_lora(x) else x, params, is_leaf=is_lora)
+
+  def one(x: Any) -> Any:
+    if is_lora(x):
+      return x.merged(dtype)
+    return x.dequantize(dtype) if is_quant(x) else x
+
+  return jax.tree.map(one, params, is_leaf=lambda x: is_lora(x) or is_quant(x))
 
 
 def unwrap(params: Any) -> Any:

@@ -1,0 +1,155 @@
+"""QLoRA: LoRA over an NF4 / int4 / int8 base through ``lora(fn)``, training and checkpoints."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from helpers import assert_trees_close, assert_trees_equal, randomize
+
+import lorax_fn as lora_fn
+
+K = jax.random.key
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(h, h)
+    return x + nn.Dense(16, name="mlp_out")(nn.gelu(nn.Dense(48, name="mlp_in")(nn.LayerNorm()(x))))
+
+
+class Model(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(16, name="embed")(x)
+    x = Block(name="b0")(Block(name="b1")(x))
+    return nn.Dense(5, name="head")(x.mean(axis=1))
+
+
+TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
+
+
+def _setup(kind="nf4"):
+  model = Model()
+  x = jax.random.normal(K(1), (6, 7, 9))
+  base = model.init(K(0), x)
+  quant = lora_fn.quantize(base, kind, targets=TARGETS, block_size=32)
+  return model, x, base, quant
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int4", "int8"])
+def test_qlora_output_equals_merged_model(kind):
+  model, x, _, quant = _setup(kind)
+  params = randomize(lora_fn.wrap(quant, rank=3, targets=TARGETS, key=K(2)), K(3), scale=0.2)
+  got = jax.jit(lora_fn.lora(model.apply))(params, x)
+  merged = lora_fn.merge(params, dtype=jnp.float32)
+  assert_trees_close(got, model.apply(merged, x), rtol=1e-5)
+
+
+def test_quantized_model_runs_without_lora_and_dequantises_close_to_base():
+  model, x, base, quant = _setup("nf4")
+  got = lora_fn.lora(model.apply)(quant, x)
+  np.testing.assert_allclose(got, model.apply(lora_fn.merge(quant), x), rtol=1e-5, atol=1e-6)
+  want = np.asarray(model.apply(base, x))
+  assert np.abs(np.asarray(got) - want).max() < 0.3 * np.abs(want).max()  # NF4 is lossy
+
+
+def test_qlora_trains_and_the_quantised_base_stays_bit_identical():
+  model, x, _, quant = _setup("nf4")
+  y = jax.random.randint(K(4), (6,), 0, 5)
+  params = lora_fn.wrap(quant, rank=4, targets=TARGETS, key=K(5))
+  tx = lora_fn.optimizer(optax.adam(3e-2), params, trainable=("head",))
+  opt_state = tx.init(params)
+  apply = lora_fn.lora(model.apply)
+
+  @jax.jit
+  def step(params, opt_state):
+    trainable, frozen = lora_fn.split(params, trainable=("head",))
+
+    def loss_fn(t):
+      logits = apply(lora_fn.combine(t, frozen), x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return lora_fn.combine(optax.apply_updates(trainable, updates), frozen), opt_state, loss
+
+  start, losses = params, []
+  for _ in range(15):
+    params, opt_state, loss = step(params, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0], losses
+  frozen = lambda p: lora_fn.split(p, trainable=("head",))[1]  # noqa: E731
+  assert_trees_equal(frozen(params), frozen(start))
+  assert lora_fn.unwrap(params)["params"]["b0"]["attn"]["query"]["kernel"].codes.dtype == jnp.uint8
+
+
+def test_summary_counts_quantised_parameters_like_peft():
+  _, _, base, quant = _setup("nf4")
+  params = lora_fn.wrap(quant, rank=2, targets=("query",), key=K(0))
+  plain = lora_fn.wrap(base, rank=2, targets=("query",), key=K(0))
+  assert lora_fn.summary(params).splitlines()[0] == lora_fn.summary(plain).splitlines()[0]
+
+
+def test_orbax_round_trip_of_a_quantised_base(tmp_path):
+  _, _, _, quant = _setup("nf4")
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "q", quant)
+  ckpt.wait_until_finished()
+  restored = ckpt.restore(tmp_path / "q", quant)
+  assert_trees_equal(restored, quant)
+  assert jax.tree.structure(restored) == jax.tree.structure(quant)
+
+
+def test_save_adapter_skips_the_quantised_base(tmp_path):
+  _, _, _, quant = _setup("nf4")
+  params = lora_fn.wrap(quant, rank=2, targets=("query",), key=K(0))
+  lora_fn.save_adapter(tmp_path / "a", params)
+  config = lora_fn.read_adapter_config(tmp_path / "a")
+  assert sorted(config["arrays"]) == sorted(
+    f"params/{b}/attn/query/kernel/{f}" for b in ("b0", "b1") for f in "ab"
+  )
+
+
+ERRORS = [
+  (
+    dict(kind="nf8", targets=("query",)),
+    ValueError,
+    r"kind must be one of \('nf4', 'int4', "
+    r"'int8'\); got: 'nf8'",
+  ),
+  (
+    dict(kind="nf4", targets=("query",), block_size=48),
+    ValueError,
+    r"block_size must be a positive power of two; got: 48",
+  ),
+  (dict(kind="nf4", targets=("qeury",)), ValueError, r"targets \('qeury',\) matched no parameter"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, regex", ERRORS)
+def test_quantize_errors(kwargs, exc, regex):
+  _, _, base, _ = _setup()
+  kind = kwargs.pop("kind")
+  with pytest.raises(exc, match=regex):
+    lora_fn.quantize(base, kind, **kwargs)
+
+
+def test_quantize_twice_and_non_float_are_errors():
+  _, _, _, quant = _setup()
+  with pytest.raises(
+    ValueError,
+    match=r"the leaf at 'params/b0/attn/query/kernel' is already "
+    r"quantised \(nf4\)",
+  ):
+    lora_fn.quantize(quant, "nf4", targets=("query",))
+  with pytest.raises(
+    TypeError, match=r"the targeted leaf at 'ids' must be a float array; got: int32"
+  ):
+    lora_fn.quantize({"ids": jnp.zeros((4, 4), jnp.int32)}, "int8", targets=("ids",))
