@@ -28,6 +28,7 @@ from lorax_fn._rules import (
   COMPUTE_RULES,
   VIEW_RULES,
   LoraVal,
+  dense,
   dot_general_rule,
   first_step_plan,
   shared_first_steps,
@@ -220,7 +221,7 @@ def _scan_slices(v: LoraVal) -> tuple[tuple[Any, ...], Callable[[tuple[Any, ...]
       v.dropout,
     )
 
-  return (v.w, a_xs, b_xs), rebuild
+  return (dense(v.w), a_xs, b_xs), rebuild  # a scanned quantised stack is decoded whole
 
 
 def _scan_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
@@ -321,7 +322,7 @@ def _stand_in(x: Any) -> jax.ShapeDtypeStruct:
 def _bind_value(x: Any) -> Any:
   """The interpreter's value for an argument leaf; a quantised base is decoded in the trace."""
   if is_lora(x):
-    return LoraVal.from_leaf(x, x.base(), x.a, x.b)
+    return LoraVal.from_leaf(x)
   return x.dequantize() if is_quant(x) else x
 
 

@@ -108,6 +108,11 @@ class LoraLeaf:
     return tuple(self.w.shape)
 
   @property
+  def is_quantized(self) -> bool:
+    """True when the base is a quantised leaf (QLoRA)."""
+    return hasattr(self.w, "dequantize")
+
+  @property
   def dtype(self) -> jnp.dtype:
     return self.w.dtype
 

@@ -22,6 +22,63 @@ from lorax_fn._leaves import LoraLeaf, factor_axes, merge_dense
 Labels = tuple[Any, ...]
 
 
+class LazyBase:
+  """A quantised base seen through views, decoded only where a rule consumes it.
+
+  Compute rules decode it inside ``jax.checkpoint`` together with the matmul that uses it,
+  so the backward pass decodes again instead of keeping a full-precision copy of every
+  layer alive (the memory QLoRA is for).
+  """
+
+  def __init__(self, q: Any, views: tuple[Callable[[jax.Array], jax.Array], ...] = ()):
+    self.q, self.views = q, views
+    self.aval = jax.eval_shape(self.decode, q)
+
+  def decode(self, q: Any) -> jax.Array:
+    w = lax.stop_gradient(q.dequantize())
+    for view in self.views:
+      w = view(w)
+    return w
+
+  def then(self, view: Callable[[jax.Array], jax.Array]) -> LazyBase:
+    return LazyBase(self.q, (*self.views, view))
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.aval.shape)
+
+  @property
+  def dtype(self) -> Any:
+    return self.aval.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.aval.shape)
+
+  def array(self) -> jax.Array:
+    return self.decode(self.q)
+
+
+jax.tree_util.register_pytree_node(
+  LazyBase, lambda b: ((b.q,), b.views), lambda views, kids: LazyBase(kids[0], views)
+)
+
+
+def base_call(w: Any, fn: Callable[..., jax.Array], *args: Any) -> jax.Array:
+  """``fn(w, *args)``; a quantised base is decoded inside a checkpoint with the call."""
+  if not isinstance(w, LazyBase):
+    return fn(w, *args)
+  return jax.checkpoint(lambda q, *a: fn(w.decode(q), *a))(w.q, *args)
+
+
+def view_w(w: Any, view: Callable[[jax.Array], jax.Array]) -> Any:
+  return w.then(view) if isinstance(w, LazyBase) else view(w)
+
+
+def dense(w: Any) -> jax.Array:
+  return w.array() if isinstance(w, LazyBase) else w
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraVal:
   """A LoRA kernel inside the interpreter: ``w + scale * einsum(a, b)`` over its labels."""
@@ -35,9 +92,10 @@ class LoraVal:
   dropout: float
 
   @classmethod
-  def from_leaf(cls, leaf: LoraLeaf, w: jax.Array, a: jax.Array, b: jax.Array) -> LoraVal:
+  def from_leaf(cls, leaf: LoraLeaf) -> LoraVal:
     a_axes, b_axes = factor_axes(leaf.roles)
-    return cls(lax.stop_gradient(w), a, b, a_axes, b_axes, leaf.scale, leaf.dropout)
+    w = LazyBase(leaf.w) if leaf.is_quantized else lax.stop_gradient(leaf.w)
+    return cls(w, leaf.a, leaf.b, a_axes, b_axes, leaf.scale, leaf.dropout)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -48,7 +106,7 @@ class LoraVal:
     return self.w.ndim
 
   def materialize(self) -> jax.Array:
-    return merge_dense(self.w, self.a, self.a_axes, self.b, self.b_axes, self.scale)
+    return merge_dense(dense(self.w), self.a, self.a_axes, self.b, self.b_axes, self.scale)
 
   def labels(self) -> tuple[Labels, Labels]:
     """Factor labels with the rank axis as the label ``"r"``."""
@@ -124,11 +182,15 @@ def _bind(eqn: Any, *args: Any) -> Any:
   return eqn.primitive.bind(*args, **eqn.params)
 
 
+def _view(eqn: Any, w: Any) -> Any:
+  return view_w(w, lambda w: _bind(eqn, w))
+
+
 def view_convert(eqn: Any, v: LoraVal) -> LoraVal:
   dtype = eqn.params["new_dtype"]
   if not jnp.issubdtype(dtype, jnp.floating):
     raise NotImplementedError
-  return dataclasses.replace(v, w=_bind(eqn, v.w), a=v.a.astype(dtype), b=v.b.astype(dtype))
+  return dataclasses.replace(v, w=_view(eqn, v.w), a=v.a.astype(dtype), b=v.b.astype(dtype))
 
 
 def view_transpose(eqn: Any, v: LoraVal) -> LoraVal:
@@ -136,12 +198,12 @@ def view_transpose(eqn: Any, v: LoraVal) -> LoraVal:
   new_of_old = {old: new for new, old in enumerate(perm)}
   relabel = lambda axes: tuple(None if i is None else new_of_old[i] for i in axes)  # noqa: E731
   return dataclasses.replace(
-    v, w=_bind(eqn, v.w), a_axes=relabel(v.a_axes), b_axes=relabel(v.b_axes)
+    v, w=_view(eqn, v.w), a_axes=relabel(v.a_axes), b_axes=relabel(v.b_axes)
   )
 
 
 def view_identity(eqn: Any, v: LoraVal) -> LoraVal:
-  return dataclasses.replace(v, w=_bind(eqn, v.w))
+  return dataclasses.replace(v, w=_view(eqn, v.w))
 
 
 def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]]:
@@ -205,13 +267,13 @@ def _reshape_view(v: LoraVal, new_shape: Sequence[int], w: jax.Array) -> LoraVal
 def view_reshape(eqn: Any, v: LoraVal) -> LoraVal:
   if eqn.params.get("dimensions") is not None:
     raise NotImplementedError
-  return _reshape_view(v, tuple(eqn.params["new_sizes"]), _bind(eqn, v.w))
+  return _reshape_view(v, tuple(eqn.params["new_sizes"]), _view(eqn, v.w))
 
 
 def view_squeeze(eqn: Any, v: LoraVal) -> LoraVal:
   dims = eqn.params["dimensions"]
   new_shape = [d for i, d in enumerate(v.shape) if i not in dims]
-  return _reshape_view(v, new_shape, _bind(eqn, v.w))
+  return _reshape_view(v, new_shape, _view(eqn, v.w))
 
 
 def view_expand(eqn: Any, v: LoraVal) -> LoraVal:
@@ -222,7 +284,7 @@ def view_expand(eqn: Any, v: LoraVal) -> LoraVal:
     or any(shape[bdims[i]] != d for i, d in enumerate(v.shape))
   ):
     raise NotImplementedError  # a real broadcast of the kernel
-  return _reshape_view(v, shape, _bind(eqn, v.w))
+  return _reshape_view(v, shape, _view(eqn, v.w))
 
 
 def _slice_factor(f, axes, ax, fn):
@@ -244,7 +306,7 @@ def view_slice(eqn: Any, v: LoraVal) -> LoraVal:
     step = 1 if strides is None else strides[ax]
     cut = lambda f, i, ax=ax, step=step: lax.slice_in_dim(f, start[ax], limit[ax], step, i)  # noqa: E731
     a, b = _slice_factor(a, v.a_axes, ax, cut), _slice_factor(b, v.b_axes, ax, cut)
-  return dataclasses.replace(v, w=_bind(eqn, v.w), a=a, b=b)
+  return dataclasses.replace(v, w=_view(eqn, v.w), a=a, b=b)
 
 
 def view_dynamic_slice(eqn: Any, v: LoraVal, *starts: Any) -> LoraVal:
@@ -255,7 +317,8 @@ def view_dynamic_slice(eqn: Any, v: LoraVal, *starts: Any) -> LoraVal:
       continue
     cut = lambda f, i, ax=ax: lax.dynamic_slice_in_dim(f, starts[ax], sizes[ax], i)  # noqa: E731
     a, b = _slice_factor(a, v.a_axes, ax, cut), _slice_factor(b, v.b_axes, ax, cut)
-  return dataclasses.replace(v, w=eqn.primitive.bind(v.w, *starts, **eqn.params), a=a, b=b)
+  w = dense(v.w)  # traced start indices: decode here rather than inside a view closure
+  return dataclasses.replace(v, w=eqn.primitive.bind(w, *starts, **eqn.params), a=a, b=b)
 
 
 VIEW_RULES: dict[str, Callable[..., LoraVal]] = {
@@ -346,7 +409,10 @@ def dot_general_rule(
   first_a = contracted <= set(a_lab)
   if not first_a and not contracted <= set(b_lab):
     raise NotImplementedError  # contracts "in" and "out" axes together
-  base = _bind(eqn, v.w, x) if w_is_lhs else _bind(eqn, x, v.w)
+  if w_is_lhs:
+    base = base_call(v.w, lambda w, x: _bind(eqn, w, x), x)
+  else:
+    base = base_call(v.w, lambda w, x: _bind(eqn, x, w), x)
   # Label x's axes: contracted and batch axes take the kernel's labels.
   partner = dict(zip(xc, wc)) | dict(zip(xb, wb))
   x_lab = tuple(partner.get(i, ("x", i)) for i in range(x.ndim))
@@ -379,7 +445,7 @@ def conv_rule(eqn: Any, lhs: Any, rhs: Any, dropout: Dropout) -> jax.Array:
   a_lab, b_lab = v.labels()
   if set(b_lab) != {"r", out_feat} or set(a_lab) != set(range(v.ndim)) - {out_feat} | {"r"}:
     raise NotImplementedError
-  base = _bind(eqn, x, v.w)
+  base = base_call(v.w, lambda w, x: _bind(eqn, x, w), x)
   dtype = _compute_dtype(x, v)
   order = ["r" if i == out_feat else i for i in range(v.ndim)]
   a_kernel = arrange(v.a.astype(dtype), a_lab, order)
@@ -411,7 +477,7 @@ def gather_rule(eqn: Any, operand: Any, indices: Any, dropout: Dropout) -> jax.A
   ):
     raise NotImplementedError
   out_ax = outs[0]
-  base = _bind(eqn, v.w, indices)
+  base = base_call(v.w, lambda w, i: _bind(eqn, w, i), indices)
   order = ["r" if i == out_ax else i for i in range(v.ndim)]
   a_table = arrange(v.a, a_lab, order)
   sizes = tuple(
