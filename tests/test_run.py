@@ -208,14 +208,21 @@ def test_sigint_saves_and_resumes(tmp_path):
   _write_folder(data)
   work = tmp_path / "w"
   args = [*_command(work, data), "--config.epochs=40"]
-  proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_ENV)
-  deadline = time.time() + 300
-  while time.time() < deadline and not (
-    os.path.exists(work / "metrics.jsonl") and len(_records(work)) > 5
-  ):
-    time.sleep(0.5)
-  proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=300)
+  # Output goes to files, not pipes: a pipe nobody reads while we wait could fill and block.
+  with open(tmp_path / "out.txt", "w") as out_f, open(tmp_path / "err.txt", "w") as err_f:
+    proc = subprocess.Popen(args, stdout=out_f, stderr=err_f, text=True, env=_ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+      os.path.exists(work / "metrics.jsonl") and len(_records(work)) > 5
+    ):
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    try:
+      proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+  out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
   assert proc.returncode == 130, err[-2000:]
   step = int((out + err).split("interrupted at step ")[1].split(":")[0])
   assert os.path.isdir(work / "checkpoints" / str(step))

@@ -323,55 +323,68 @@ def main(argv: list[str]) -> None:
   pending: list[tuple[int, jax.Array]] = []
   skipped, seen, t0 = 0, 0, time.perf_counter()
   step = start
-  try:
-    for step in range(start + 1, total_steps + 1):
-      batch = next(batches)
-      skipped += int(batch["valid"].size - batch["valid"].sum())
-      seen += len(batch["label"])
-      trainable, opt_state, loss = train_step(
-        trainable, opt_state, frozen, batch, jax.random.fold_in(key, step)
+  # SIGINT/SIGTERM only set a flag: the loop stops at a step boundary, saves and exits, so
+  # no exception ever lands inside a checkpoint write. A second signal stops at once.
+  stop: list[int] = []
+
+  def request_stop(signum: int, frame: Any) -> None:
+    del frame
+    stop.append(signum)
+    signal.signal(signum, signal.SIG_DFL)
+
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, request_stop)
+  for step in range(start + 1, total_steps + 1):
+    batch = next(batches)
+    skipped += int(batch["valid"].size - batch["valid"].sum())
+    seen += len(batch["label"])
+    trainable, opt_state, loss = train_step(
+      trainable, opt_state, frozen, batch, jax.random.fold_in(key, step)
+    )
+    pending.append((step, loss))
+    if step % config.log_every_steps == 0 or step == total_steps:
+      losses = check_finite(pending, mngr.latest_step(), workdir)
+      rate = seen / (time.perf_counter() - t0)
+      for s, l in losses:
+        log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
+      bar.set_postfix(loss=f"{losses[-1][1]:.4f}", img_s=f"{rate:.1f}", skipped=skipped)
+      log.scalars(step, "train", {"images_per_s": rate, "skipped_images": skipped})
+    bar.update(1)
+    if step % config.checkpoint_every_steps == 0:
+      for s, l in check_finite(pending, mngr.latest_step(), workdir):  # never save NaNs
+        log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
+      save(step)
+    epoch_end = step % steps_per_epoch == 0
+    if (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or (
+      step == total_steps
+    ):
+      merged_apply = lambda p, x: apply(p, x.astype(model.dtype))  # noqa: E731
+      result, logits = evaluate(
+        merged_apply,
+        lora_fn.combine(trainable, frozen),
+        eval_split,
+        config,
+        config.batch_size,
+        class_names,
+        return_logits=True,
       )
-      pending.append((step, loss))
-      if step % config.log_every_steps == 0 or step == total_steps:
-        losses = check_finite(pending, mngr.latest_step(), workdir)
-        rate = seen / (time.perf_counter() - t0)
-        for s, l in losses:
-          log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
-        bar.set_postfix(loss=f"{losses[-1][1]:.4f}", img_s=f"{rate:.1f}", skipped=skipped)
-        log.scalars(step, "train", {"images_per_s": rate, "skipped_images": skipped})
-      bar.update(1)
-      if step % config.checkpoint_every_steps == 0:
-        for s, l in check_finite(pending, mngr.latest_step(), workdir):  # never save NaNs
-          log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
+      log.scalars(step, "eval", result)
+      bar.write(
+        f"step {step}: eval accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}"
+      )
+      if result["accuracy"] > best and is_main:
+        best = result["accuracy"]
+        log.save_best_adapter(lora_fn.combine(trainable, frozen), trainable_spec, meta, logits)
+    if step == config.debug_kill_at_step:
+      os.kill(os.getpid(), signal.SIGKILL)
+    if stop:
+      for s, l in check_finite(pending, mngr.latest_step(), workdir):  # never save NaNs
+        log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
+      bar.write(f"interrupted at step {step}: saving a checkpoint, then stopping")
+      if mngr.latest_step() != step:
         save(step)
-      epoch_end = step % steps_per_epoch == 0
-      if (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or (
-        step == total_steps
-      ):
-        merged_apply = lambda p, x: apply(p, x.astype(model.dtype))  # noqa: E731
-        result, logits = evaluate(
-          merged_apply,
-          lora_fn.combine(trainable, frozen),
-          eval_split,
-          config,
-          config.batch_size,
-          class_names,
-          return_logits=True,
-        )
-        log.scalars(step, "eval", result)
-        bar.write(
-          f"step {step}: eval accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}"
-        )
-        if result["accuracy"] > best and is_main:
-          best = result["accuracy"]
-          log.save_best_adapter(lora_fn.combine(trainable, frozen), trainable_spec, meta, logits)
-      if step == config.debug_kill_at_step:
-        os.kill(os.getpid(), signal.SIGKILL)
-  except KeyboardInterrupt:
-    bar.write(f"interrupted at step {step}: saving a checkpoint, then stopping")
-    save(step)
-    mngr.wait_until_finished()
-    sys.exit(130)
+      mngr.wait_until_finished()
+      sys.exit(130)
   bar.close()
   if mngr.latest_step() != total_steps:
     save(total_steps)
