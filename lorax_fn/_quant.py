@@ -162,6 +162,25 @@ class QuantLeaf:
     per = jnp.repeat(self.absmax_scale, DQ_BLOCK)[: dyn.shape[0]]
     return dyn * per + self.offset
 
+  def decode_rows(self, start: Any, rows: int) -> jax.Array:
+    """Rows ``start .. start + rows`` along axis 0, decoded in float32.
+
+    ``rows`` times the row size must be a multiple of the block size (and even for 4-bit
+    codes); ``start`` may be traced.
+    """
+    row = math.prod(self.shape[1:])
+    n, first = rows * row, start * row
+    code = jnp.asarray(_CODES[self.kind])
+    if self.kind == "int8":
+      q = jax.lax.dynamic_slice_in_dim(self.codes, first, n).astype(jnp.int32)
+    else:
+      q = unpack4(jax.lax.dynamic_slice_in_dim(self.codes, first // 2, n // 2), n)
+    scales = jax.lax.dynamic_slice_in_dim(
+      self.scales(), first // self.block_size, n // self.block_size
+    )
+    values = code[q].reshape(-1, self.block_size) * scales[:, None]
+    return values.reshape(rows, *self.shape[1:])
+
   def dequantize(self, dtype: Any = None) -> jax.Array:
     """``code[q] * absmax`` in float32, cast to ``dtype`` (default: the original dtype)."""
     n = self.size

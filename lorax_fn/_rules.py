@@ -30,9 +30,18 @@ class LazyBase:
   layer alive (the memory QLoRA is for).
   """
 
-  def __init__(self, q: Any, views: tuple[Callable[[jax.Array], jax.Array], ...] = ()):
-    self.q, self.views = q, views
+  def __init__(
+    self, q: Any, views: tuple[Callable[[jax.Array], jax.Array], ...] = (), elementwise=True
+  ):
+    # ``elementwise``: every view is a cast, so kernel axis 0 is still the stored axis 0.
+    self.q, self.views, self.elementwise = q, views, elementwise
     self.aval = jax.eval_shape(self.decode, q)
+
+  def decode_rows(self, start: Any, rows: int) -> jax.Array:
+    w = lax.stop_gradient(self.q.decode_rows(start, rows).astype(self.q.dtype))
+    for view in self.views:
+      w = view(w)
+    return w
 
   def decode(self, q: Any) -> jax.Array:
     w = lax.stop_gradient(q.dequantize())
@@ -40,8 +49,8 @@ class LazyBase:
       w = view(w)
     return w
 
-  def then(self, view: Callable[[jax.Array], jax.Array]) -> LazyBase:
-    return LazyBase(self.q, (*self.views, view))
+  def then(self, view: Callable[[jax.Array], jax.Array], elementwise: bool) -> LazyBase:
+    return LazyBase(self.q, (*self.views, view), self.elementwise and elementwise)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -60,8 +69,61 @@ class LazyBase:
 
 
 jax.tree_util.register_pytree_node(
-  LazyBase, lambda b: ((b.q,), b.views), lambda views, kids: LazyBase(kids[0], views)
+  LazyBase,
+  lambda b: ((b.q,), (b.views, b.elementwise)),
+  lambda aux, kids: LazyBase(kids[0], *aux),
 )
+
+# Decode a quantised kernel in chunks of about this many elements (1 MiB of float32) so that
+# one chunk, not the whole layer, is alive at a time, forward and backward.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _chunk_rows(q: Any) -> int | None:
+  """Rows per chunk along axis 0: whole blocks, even for 4-bit codes; None if one chunk."""
+  total, row = q.shape[0], math.prod(q.shape[1:])
+  fits = [
+    r
+    for r in range(1, total)
+    if total % r == 0
+    and r * row <= CHUNK_ELEMENTS
+    and (r * row) % q.block_size == 0
+    and (q.kind == "int8" or (r * row) % 2 == 0)
+  ]
+  return max(fits) if fits else None
+
+
+def chunked_dot(
+  eqn: Any, x: jax.Array, w: LazyBase, wc: Sequence[int], xc: Sequence[int], wb: Sequence[int]
+) -> jax.Array | None:
+  """``dot_general(x, w)`` with the quantised kernel decoded chunk by chunk in a scan.
+
+  Each chunk is decoded inside a checkpointed scan body, so the backward pass decodes it
+  again instead of keeping every layer's float copy alive. None when not applicable.
+  """
+  rows = _chunk_rows(w.q) if w.elementwise and 0 not in wb else None
+  if rows is None:
+    return None
+  chunks = w.q.shape[0] // rows
+  out = eqn.outvars[0].aval
+  if 0 in wc:  # a contracted axis: partial products add up
+    xa = xc[list(wc).index(0)]
+
+    def add(acc, c):
+      xs = lax.dynamic_slice_in_dim(x, c * rows, rows, axis=xa)
+      return acc + _bind(eqn, xs, w.decode_rows(c * rows, rows)), None
+
+    y, _ = lax.scan(jax.checkpoint(add), jnp.zeros(out.shape, out.dtype), jnp.arange(chunks))
+    return y
+  free_w = [i for i in range(w.ndim) if i not in wc and i not in wb]
+  pos = len(wb) + (x.ndim - len(xc) - len(wb)) + free_w.index(0)
+
+  def part(_, c):
+    return None, _bind(eqn, x, w.decode_rows(c * rows, rows))
+
+  _, ys = lax.scan(jax.checkpoint(part), None, jnp.arange(chunks))
+  ys = jnp.moveaxis(ys, 0, pos)
+  return ys.reshape(*ys.shape[:pos], chunks * rows, *ys.shape[pos + 2 :])
 
 
 def base_call(w: Any, fn: Callable[..., jax.Array], *args: Any) -> jax.Array:
@@ -71,8 +133,8 @@ def base_call(w: Any, fn: Callable[..., jax.Array], *args: Any) -> jax.Array:
   return jax.checkpoint(lambda q, *a: fn(w.decode(q), *a))(w.q, *args)
 
 
-def view_w(w: Any, view: Callable[[jax.Array], jax.Array]) -> Any:
-  return w.then(view) if isinstance(w, LazyBase) else view(w)
+def view_w(w: Any, view: Callable[[jax.Array], jax.Array], elementwise: bool = False) -> Any:
+  return w.then(view, elementwise) if isinstance(w, LazyBase) else view(w)
 
 
 def dense(w: Any) -> jax.Array:
@@ -183,7 +245,7 @@ def _bind(eqn: Any, *args: Any) -> Any:
 
 
 def _view(eqn: Any, w: Any) -> Any:
-  return view_w(w, lambda w: _bind(eqn, w))
+  return view_w(w, lambda w: _bind(eqn, w), eqn.primitive.name == "convert_element_type")
 
 
 def view_convert(eqn: Any, v: LoraVal) -> LoraVal:
@@ -412,7 +474,11 @@ def dot_general_rule(
   if w_is_lhs:
     base = base_call(v.w, lambda w, x: _bind(eqn, w, x), x)
   else:
-    base = base_call(v.w, lambda w, x: _bind(eqn, x, w), x)
+    base = None
+    if isinstance(v.w, LazyBase):
+      base = chunked_dot(eqn, x, v.w, wc, xc, wb)
+    if base is None:
+      base = base_call(v.w, lambda w, x: _bind(eqn, x, w), x)
   # Label x's axes: contracted and batch axes take the kernel's labels.
   partner = dict(zip(xc, wc)) | dict(zip(xb, wb))
   x_lab = tuple(partner.get(i, ("x", i)) for i in range(x.ndim))

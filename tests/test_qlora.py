@@ -153,3 +153,35 @@ def test_quantize_twice_and_non_float_are_errors():
     TypeError, match=r"the targeted leaf at 'ids' must be a float array; got: int32"
   ):
     lora_fn.quantize({"ids": jnp.zeros((4, 4), jnp.int32)}, "int8", targets=("ids",))
+
+
+@pytest.mark.parametrize("contract_axis", [0, 1])
+def test_chunked_decode_matches_merged(contract_axis):
+  # Axis 0 of the stored kernel contracted (Dense) or free (a (out, in) kernel): both are
+  # decoded chunk by chunk inside a scan (64 rows x 96 / block 32 gives several chunks).
+  w = jax.random.normal(K(0), (64, 96)) * 0.1
+  roles = ("in", "out") if contract_axis == 0 else ("out", "in")
+  x = jax.random.normal(K(1), (5, 64 if contract_axis == 0 else 96))
+
+  def fn(p, x):
+    return jax.lax.dot_general(x, p["w"], (((1,), (contract_axis,)), ((), ())))
+
+  q = lora_fn.quantize({"w": w}, "nf4", targets=("w",), block_size=32)
+  params = randomize(lora_fn.wrap(q, rank=3, targets=("w",), layouts={"w": roles}, key=K(2)), K(3))
+  import lorax_fn._rules as rules
+
+  old = rules.CHUNK_ELEMENTS
+  rules.CHUNK_ELEMENTS = 64 * 96 // 4
+  try:
+    jaxpr = jax.make_jaxpr(lora_fn.lora(fn))(params, x)
+    got = jax.jit(lora_fn.lora(fn))(params, x)
+    train, frozen = lora_fn.split(params)
+    grads = jax.jit(jax.grad(lambda t: lora_fn.lora(fn)(lora_fn.combine(t, frozen), x).sum()))(
+      train
+    )
+  finally:
+    rules.CHUNK_ELEMENTS = old
+  assert any(e.primitive.name == "scan" for e in jaxpr.jaxpr.eqns)
+  assert_trees_close(got, fn(lora_fn.merge(params, dtype=jnp.float32), x), rtol=1e-5)
+  merged_loss = lambda t: fn(lora_fn.merge(lora_fn.combine(t, frozen)), x).sum()  # noqa: E731
+  assert_trees_close(grads, jax.grad(merged_loss)(train), rtol=1e-4)
