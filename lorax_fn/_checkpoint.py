@@ -118,7 +118,18 @@ def save_adapter(
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-  """The JSON record written by :func:`save_adapter` (LoRA leaves, extras, metadata)."""
+  """The JSON record written by :func:`save_adapter` (LoRA leaves, extras, metadata).
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> p = lora_fn.wrap({"k": jnp.ones((5, 7))}, rank=2, targets=("k",),
+    ...                  key=jax.random.key(0))
+    >>> d = tempfile.mkdtemp() + "/adapter"
+    >>> lora_fn.save_adapter(d, p, metadata={"base_model": "toy"})
+    >>> config = lora_fn.read_adapter_config(d)
+    >>> config["lora"]["k"]["rank"], config["metadata"]
+    (2, {'base_model': 'toy'})
+  """
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     return ckpt.restore(
       os.path.abspath(path), args=ocp.args.Composite(config=ocp.args.JsonRestore())
@@ -183,6 +194,19 @@ def restore_adapter(
   Raises:
     ValueError: if the checkpoint's targets, ranks, alphas, layouts, shapes, extra leaves
       or metadata differ from ``params``'.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> p = lora_fn.wrap({"k": jnp.ones((5, 7))}, rank=2, targets=("k",),
+    ...                  key=jax.random.key(0))
+    >>> d = tempfile.mkdtemp() + "/adapter"
+    >>> lora_fn.save_adapter(d, p)
+    >>> other = lora_fn.wrap({"k": jnp.ones((5, 7))}, rank=3, targets=("k",),
+    ...                      key=jax.random.key(0))
+    >>> lora_fn.restore_adapter(d, other)
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter checkpoint '...': LoRA leaf 'k' was saved with rank=2 but ...rank=3.
   """
   arrays, current = adapter_state(params, trainable=trainable, bias=bias)
   saved = read_adapter_config(path)

@@ -31,6 +31,14 @@ def trainable_mask(
   Raises:
     ValueError: if ``bias`` is unknown, ``trainable`` matches nothing, or (unless
       ``allow_empty``) nothing at all is trainable, e.g. an unwrapped tree was passed.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> p = lora_fn.wrap({"k": jnp.ones((5, 7)), "bias": jnp.zeros(7)}, rank=2,
+    ...                  targets=("k",), key=jax.random.key(0))
+    >>> mask = lora_fn.trainable_mask(p, bias="all")
+    >>> mask["bias"], (mask["k"].w, mask["k"].a, mask["k"].b)
+    (True, (False, True, True))
   """
   if bias not in _BIAS_MODES:
     raise ValueError(f"bias must be one of {_BIAS_MODES}; got: {bias!r}")

@@ -38,6 +38,13 @@ def default_layout(path: str, shape: Sequence[int]) -> Layout:
 
   Raises:
     ValueError: if the layout is ambiguous.
+
+  Example:
+    >>> import lorax_fn as lora_fn
+    >>> lora_fn.default_layout("encoder/attn/query/kernel", (768, 12, 64))
+    ('in', 'out', 'out')
+    >>> lora_fn.default_layout("stem/kernel", (16, 16, 3, 768))
+    ('in', 'in', 'in', 'out')
   """
   parts = path.split("/")
   module = parts[-2] if len(parts) > 1 else ""
