@@ -18,7 +18,6 @@ AxisMap = tuple[tuple[int, ...], ...]
 _PASS = (
   "convert_element_type",
   "copy",
-  "copy_p",
   "sharding_constraint",
   "slice",
   "dynamic_slice",
@@ -28,7 +27,6 @@ _CALLS = {
   "jit": "jaxpr",
   "pjit": "jaxpr",
   "closed_call": "call_jaxpr",
-  "core_call": "call_jaxpr",
   "custom_jvp_call": "call_jaxpr",
   "custom_vjp_call": "call_jaxpr",
 }
@@ -112,7 +110,7 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[int, AxisMap]], rec: _Recorder) -
       )
     elif name in _CALLS:
       _walk_sub(p[_CALLS[name]].jaxpr, ins, rec)
-    elif name in ("remat2", "checkpoint"):
+    elif name == "remat2":
       _walk_sub(p["jaxpr"], ins, rec)
     elif name == "cond":
       for br in p["branches"]:

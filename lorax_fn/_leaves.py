@@ -120,13 +120,6 @@ class LoraLeaf:
   def ndim(self) -> int:
     return len(self.roles)
 
-  def delta(self) -> jax.Array:
-    """The dense update ``scale * B·A`` in ``w``'s axis order (float32 or wider)."""
-    a_axes, b_axes = factor_axes(self.roles)
-    dtype = jnp.promote_types(jnp.promote_types(self.a.dtype, self.b.dtype), jnp.float32)
-    prod = lowrank_product(self.a.astype(dtype), a_axes, self.b.astype(dtype), b_axes, self.ndim)
-    return self.scale * prod
-
   def merged(self, dtype: jnp.dtype | None = None) -> jax.Array:
     """``W + scale * B·A`` as one dense array, in ``dtype`` (default: ``w``'s dtype).
 
