@@ -23,10 +23,11 @@ from jax import lax
 
 from lorax_fn import _paths
 from lorax_fn._leaves import LoraLeaf, is_lora
-from lorax_fn._quant import QuantLeaf, is_quant
+from lorax_fn._quant import QuantLeaf, QuantSlice, is_quant
 from lorax_fn._rules import (
   COMPUTE_RULES,
   VIEW_RULES,
+  LazyBase,
   LoraVal,
   dense,
   dot_general_rule,
@@ -221,7 +222,18 @@ def _scan_slices(v: LoraVal) -> tuple[tuple[Any, ...], Callable[[tuple[Any, ...]
       v.dropout,
     )
 
-  return (dense(v.w), a_xs, b_xs), rebuild  # a scanned quantised stack is decoded whole
+  w = v.w
+  if isinstance(w, LazyBase) and w.elementwise and w.q.sliceable():
+    # Scan over layer indices and decode only the current layer inside the body.
+    stack, views = w.q, w.views
+    parts = (jnp.arange(stack.shape[0]), a_xs, b_xs)
+
+    def rebuild_quant(parts: tuple[Any, ...]) -> LoraVal:
+      i, a, b = parts
+      return rebuild((LazyBase(QuantSlice(stack, i), views, True), a, b))
+
+    return parts, rebuild_quant
+  return (dense(w), a_xs, b_xs), rebuild  # views that move axis 0: decoded whole
 
 
 def _scan_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:

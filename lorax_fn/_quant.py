@@ -105,6 +105,17 @@ def blockwise(x: np.ndarray, block_size: int, code: np.ndarray) -> tuple[np.ndar
   return _nearest(scaled.astype(np.float32), code), absmax.astype(np.float32)
 
 
+def _mean(x: np.ndarray) -> np.float32:
+  """``sum / n`` in float32, like torch's ``mean``, with the sum correctly rounded.
+
+  bitsandbytes takes the offset from torch's float32 ``mean``, whose summation order (and
+  so its last bit, in about a third of cases) depends on the CPU's vector width; the
+  correctly rounded sum does not.
+  """
+  total = np.float32(np.sum(x, dtype=np.float64))
+  return np.float32(total / np.float32(x.size))
+
+
 def pack4(codes: np.ndarray) -> np.ndarray:
   """Two 4-bit codes per byte: element 2k in the high nibble, 2k+1 in the low (zero-padded)."""
   if codes.size % 2:
@@ -160,16 +171,20 @@ class QuantLeaf:
       return self.absmax
     dyn = jnp.asarray(dynamic_code())[self.absmax_codes.astype(jnp.int32)]
     per = jnp.repeat(self.absmax_scale, DQ_BLOCK)[: dyn.shape[0]]
-    return dyn * per + self.offset
+    # bitsandbytes rounds ``dyn * per`` to float32 and then adds the offset. XLA's CPU and
+    # GPU backends always contract a multiply feeding an add into one fused multiply-add,
+    # which rounds once and moves the last bit of about 1 scale in 20. Multiplying the
+    # rounded product by a 1 the compiler cannot prove is 1 leaves it nothing to contract
+    # but ``fma(p, 1, offset)``, which is exactly ``round(p + offset)``.
+    one = 1.0 + 0.0 * self.offset
+    return (dyn * per) * one + self.offset
 
-  def decode_rows(self, start: Any, rows: int) -> jax.Array:
-    """Rows ``start .. start + rows`` along axis 0, decoded in float32.
+  def decode_flat(self, first: Any, n: int) -> jax.Array:
+    """Elements ``first .. first + n`` of the flattened array, decoded in float32.
 
-    ``rows`` times the row size must be a multiple of the block size (and even for 4-bit
-    codes); ``start`` may be traced.
+    ``first`` (which may be traced) and ``n`` must be multiples of the block size, and even
+    for 4-bit codes.
     """
-    row = math.prod(self.shape[1:])
-    n, first = rows * row, start * row
     code = jnp.asarray(_CODES[self.kind])
     if self.kind == "int8":
       q = jax.lax.dynamic_slice_in_dim(self.codes, first, n).astype(jnp.int32)
@@ -178,8 +193,21 @@ class QuantLeaf:
     scales = jax.lax.dynamic_slice_in_dim(
       self.scales(), first // self.block_size, n // self.block_size
     )
-    values = code[q].reshape(-1, self.block_size) * scales[:, None]
-    return values.reshape(rows, *self.shape[1:])
+    return (code[q].reshape(-1, self.block_size) * scales[:, None]).reshape(-1)
+
+  def decode_rows(self, start: Any, rows: int) -> jax.Array:
+    """Rows ``start .. start + rows`` along axis 0, decoded in float32.
+
+    ``rows`` times the row size must be a multiple of the block size (and even for 4-bit
+    codes); ``start`` may be traced.
+    """
+    row = math.prod(self.shape[1:])
+    return self.decode_flat(start * row, rows * row).reshape(rows, *self.shape[1:])
+
+  def sliceable(self) -> bool:
+    """Whether each index of axis 0 starts on a block (and byte) boundary."""
+    row = math.prod(self.shape[1:])
+    return row % self.block_size == 0 and (self.kind == "int8" or row % 2 == 0)
 
   def dequantize(self, dtype: Any = None) -> jax.Array:
     """``code[q] * absmax`` in float32, cast to ``dtype`` (default: the original dtype)."""
@@ -195,6 +223,48 @@ class QuantLeaf:
 
 
 _CODES = {"nf4": NF4_CODE, "int4": INT4_CODE, "int8": INT8_CODE}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantSlice:
+  """``stack[index]`` of a stacked :class:`QuantLeaf`, decoded lazily (for ``scan`` bodies).
+
+  Only that layer's codes are decoded, so a scanned QLoRA model never holds a float copy of
+  the whole stack. Requires ``stack.sliceable()``.
+  """
+
+  stack: QuantLeaf
+  index: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.stack.shape[1:]
+
+  @property
+  def dtype(self) -> np.dtype:
+    return self.stack.dtype
+
+  @property
+  def kind(self) -> str:
+    return self.stack.kind
+
+  @property
+  def block_size(self) -> int:
+    return self.stack.block_size
+
+  def decode_rows(self, start: Any, rows: int) -> jax.Array:
+    row = math.prod(self.shape[1:])
+    first = self.index * math.prod(self.shape) + start * row
+    return self.stack.decode_flat(first, rows * row).reshape(rows, *self.shape[1:])
+
+  def sliceable(self) -> bool:
+    return False  # a scan over a slice of a stack decodes the slice whole
+
+  def dequantize(self, dtype: Any = None) -> jax.Array:
+    n = math.prod(self.shape)
+    out = self.stack.decode_flat(self.index * n, n).reshape(self.shape)
+    return out.astype(self.dtype if dtype is None else dtype)
 
 
 def quantize_array(
@@ -216,7 +286,7 @@ def quantize_array(
     absmax=jnp.asarray(scales), absmax_codes=None, absmax_scale=None, offset=None
   )
   if double_quant:
-    offset = np.float32(scales.mean(dtype=np.float32))
+    offset = _mean(scales)
     qa, a2 = blockwise(scales - offset, DQ_BLOCK, dynamic_code())
     fields = dict(
       absmax=None,

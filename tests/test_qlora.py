@@ -185,3 +185,48 @@ def test_chunked_decode_matches_merged(contract_axis):
   assert_trees_close(got, fn(lora_fn.merge(params, dtype=jnp.float32), x), rtol=1e-5)
   merged_loss = lambda t: fn(lora_fn.merge(lora_fn.combine(t, frozen)), x).sum()  # noqa: E731
   assert_trees_close(grads, jax.grad(merged_loss)(train), rtol=1e-4)
+
+
+class _Layer(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return x + jnp.tanh(nn.Dense(48, name="mlp")(x) @ jnp.ones((48, 32)) * 0.1), None
+
+
+class _Scanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    layers = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return layers(name="layers")(x, None)[0].sum(-1)
+
+
+def _float_values_of_shape(jaxpr, shape):
+  """Float values shaped ``shape`` produced anywhere in ``jaxpr`` (sub-jaxprs included)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    found += [
+      v.aval
+      for v in eqn.outvars
+      if v.aval.shape == shape and jnp.issubdtype(v.aval.dtype, jnp.floating)
+    ]
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found += _float_values_of_shape(inner, shape)
+  return found
+
+
+def test_scanned_qlora_decodes_one_layer_at_a_time():
+  model, x = _Scanned(), jax.random.normal(K(1), (5, 32))
+  quant = lora_fn.quantize(model.init(K(0), x), "nf4", targets=("mlp",), block_size=64)
+  layouts = lora_fn.infer_layouts(model.apply, quant, x)
+  params = randomize(lora_fn.wrap(quant, rank=4, targets=("mlp",), layouts=layouts, key=K(2)), K(3))
+  train, frozen = lora_fn.split(params)
+  loss = lambda t: lora_fn.lora(model.apply)(lora_fn.combine(t, frozen), x).sum()  # noqa: E731
+  merged_loss = lambda t: model.apply(lora_fn.merge(lora_fn.combine(t, frozen)), x).sum()  # noqa: E731
+  assert_trees_close(jax.jit(loss)(train), merged_loss(train), rtol=1e-5)
+  assert_trees_close(jax.jit(jax.grad(loss))(train), jax.grad(merged_loss)(train), rtol=1e-4)
+  # Neither the forward nor the backward pass forms the float stack of all three layers.
+  assert not _float_values_of_shape(jax.make_jaxpr(jax.grad(loss))(train).jaxpr, (3, 32, 48))
+  assert _float_values_of_shape(jax.make_jaxpr(jax.grad(merged_loss))(train).jaxpr, (3, 32, 48))
