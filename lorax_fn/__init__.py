@@ -7,6 +7,14 @@ from lorax_fn._leaves import Layout, LoraLeaf, is_lora
 from lorax_fn._optim import LoraOptState, optimizer
 from lorax_fn._partition import combine, split, trainable_mask
 from lorax_fn._quant import QuantLeaf, is_quant, quantize
+from lorax_fn._shard import (
+  ShardingWarning,
+  batch_sharding,
+  make_mesh,
+  partition_specs,
+  shard,
+  state_shardings,
+)
 from lorax_fn._summary import summary
 from lorax_fn._wrap import default_layout, merge, unwrap, wrap
 
@@ -15,20 +23,26 @@ __all__ = [
   "LoraLeaf",
   "MaterializeWarning",
   "LoraOptState",
+  "batch_sharding",
   "combine",
   "default_layout",
   "infer_layouts",
   "is_lora",
   "lora",
+  "make_mesh",
   "merge",
   "optimizer",
+  "partition_specs",
   "QuantLeaf",
   "is_quant",
   "quantize",
   "read_adapter_config",
   "restore_adapter",
   "save_adapter",
+  "shard",
+  "ShardingWarning",
   "split",
+  "state_shardings",
   "summary",
   "trainable_mask",
   "unwrap",

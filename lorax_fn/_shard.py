@@ -1,0 +1,413 @@
+"""Sharding wrapped pytrees over a device mesh: partition specs derived from the base's.
+
+Every base leaf gets a :class:`~jax.sharding.PartitionSpec` from a rule (the default FSDP rule,
+regex rules or a pytree of specs for the base); LoRA factors and quantised leaves inherit
+theirs from it:
+
+* ``a`` (``stack + (r,) + in``) takes the base's entries for its stack and input axes, ``b``
+  (``stack + (r,) + out``) those for its stack and output axes; the rank axis is replicated.
+* A quantised leaf stores its codes and block scales flattened in row-major blocks, so they
+  are split along that block axis over the mesh axes the base's spec uses: exactly the base's
+  row split when the spec shards axis 0. The double-quantisation scales follow when they
+  divide evenly (they are tiny otherwise replicated), the offset is replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from lorax_fn import _paths
+from lorax_fn._leaves import LoraLeaf, factor_axes, is_lora
+from lorax_fn._quant import QuantLeaf, is_quant
+
+P = PartitionSpec
+AXES = ("data", "fsdp", "model")
+"""Mesh axis names the built-in rules use: batch over ``data`` and ``fsdp``, weights over
+``fsdp`` (and ``model`` for tensor parallelism)."""
+
+
+class ShardingWarning(UserWarning):
+  """A leaf the default rule would split stays replicated (no axis divides evenly)."""
+
+
+def make_mesh(axes: str | Mapping[str, int] | Sequence[tuple[str, int]], devices=None) -> Mesh:
+  """A device mesh from axis sizes, one of them possibly ``-1`` (all remaining devices).
+
+  Args:
+    axes: ``"data=2,fsdp=4"``, ``{"data": 2, "fsdp": 4}`` or ``[("data", 2), ("fsdp", 4)]``;
+      names from ``data``, ``fsdp`` and ``model``.
+    devices: the devices (default: ``jax.devices()``, every process's).
+
+  Returns:
+    A :class:`~jax.sharding.Mesh` with ``Auto`` axes (sharding propagated by the compiler),
+    in the topology-aware device order of :func:`jax.make_mesh`.
+
+  Raises:
+    ValueError: an unknown axis name, a size that is not a positive integer (or ``-1``), or
+      sizes whose product is not the number of devices.
+
+  Example:
+    >>> import jax, lorax_fn as lora_fn
+    >>> mesh = lora_fn.make_mesh("data=-1")
+    >>> mesh.shape["data"] == jax.device_count()
+    True
+  """
+  if isinstance(axes, str):
+    pairs = []
+    for part in filter(None, (p.strip() for p in axes.split(","))):
+      name, eq, size = part.partition("=")
+      if not eq or not size.strip().lstrip("-").isdigit():
+        raise ValueError(f"mesh must look like 'data=2,fsdp=4'; got: {axes!r}")
+      pairs.append((name.strip(), int(size)))
+  else:
+    pairs = list(axes.items() if isinstance(axes, Mapping) else axes)
+  devices = list(jax.devices() if devices is None else devices)
+  names = [n for n, _ in pairs]
+  unknown = [n for n in names if n not in AXES]
+  if unknown or len(set(names)) != len(names) or not pairs:
+    raise ValueError(
+      f"mesh axes must be distinct names from {AXES}; got: {names} in {_show(pairs)}"
+    )
+  sizes = [s for _, s in pairs]
+  if any(not isinstance(s, (int, np.integer)) or (s < 1 and s != -1) for s in sizes):
+    raise ValueError(f"mesh axis sizes must be positive integers or -1; got: {_show(pairs)}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1; got: {_show(pairs)}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(
+        f"mesh {_show(pairs)}: {len(devices)} devices do not divide into the fixed axes ({known})"
+      )
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != len(devices):
+    raise ValueError(
+      f"mesh {_show(pairs)} has {math.prod(sizes)} devices, but there are {len(devices)}; "
+      "make the sizes multiply to the device count, or give one axis -1"
+    )
+  return jax.make_mesh(
+    tuple(int(s) for s in sizes), tuple(names), (AxisType.Auto,) * len(names), devices=devices
+  )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches split on their leading axis over the mesh's ``data`` and ``fsdp`` axes.
+
+  Example:
+    >>> import jax, lorax_fn as lora_fn
+    >>> lora_fn.batch_sharding(lora_fn.make_mesh("data=-1,fsdp=1")).spec
+    P(('data', 'fsdp'),)
+  """
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  return NamedSharding(mesh, P(axes if axes else None))
+
+
+def _show(pairs: Sequence[tuple[str, int]]) -> str:
+  return ",".join(f"{n}={s}" for n, s in pairs)
+
+
+def _is_spec(x: Any) -> bool:
+  return x is None or isinstance(x, PartitionSpec)
+
+
+def _mesh_axes(entry: Any) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _fsdp_spec(
+  path: str, shape: tuple[int, ...], mesh: Mesh, min_size: int, leftovers: list[str]
+) -> PartitionSpec:
+  """The default rule: the largest divisible axis over ``fsdp``, the next over ``model``."""
+  spec: list[Any] = [None] * len(shape)
+  if math.prod(shape) < min_size:
+    return P(*spec)
+  for axis in ("fsdp", "model"):
+    n = mesh.shape.get(axis, 1)
+    if n == 1:
+      continue
+    free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % n == 0]
+    if not free:
+      leftovers.append(f"{path} {shape} (no axis divisible by {axis}={n})")
+      continue
+    spec[max(free, key=lambda i: (shape[i], -i))] = axis
+  return P(*spec)
+
+
+def _check_spec(path: str, spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> None:
+  if len(spec) > len(shape):
+    raise ValueError(
+      f"the partition spec for {path!r} has {len(spec)} entries; the leaf has shape {shape}"
+    )
+  for dim, entry in zip(shape, spec):
+    names = _mesh_axes(entry)
+    for name in names:
+      if name not in mesh.shape:
+        raise ValueError(
+          f"the partition spec {spec} for {path!r} uses mesh axis {name!r}; the mesh has "
+          f"axes {tuple(mesh.axis_names)}"
+        )
+    n = math.prod(mesh.shape[a] for a in names)
+    if dim % n:
+      raise ValueError(
+        f"the partition spec {spec} for {path!r} splits an axis of size {dim} over "
+        f"{'*'.join(names)}={n}, which does not divide it (shape {shape})"
+      )
+
+
+def _lora_specs(leaf: LoraLeaf, spec: PartitionSpec) -> LoraLeaf:
+  entries = tuple(spec) + (None,) * (len(leaf.roles) - len(spec))
+  a_axes, b_axes = factor_axes(leaf.roles)
+  a = P(*(None if i is None else entries[i] for i in a_axes))
+  b = P(*(None if i is None else entries[i] for i in b_axes))
+  return dataclasses.replace(leaf, w=spec, a=a, b=b)
+
+
+def _quant_specs(
+  path: str, leaf: QuantLeaf, spec: PartitionSpec, mesh: Mesh, strict: bool, leftovers: list
+) -> QuantLeaf:
+  """Codes and block scales split along the block axis over the mesh axes ``spec`` uses."""
+  names = tuple(a for entry in spec for a in _mesh_axes(entry))
+  n = math.prod(mesh.shape[a] for a in names)
+  split = P(names if len(names) > 1 else names[0]) if names else P()
+  blocks = -(-leaf.size // leaf.block_size)
+  whole = leaf.size % (n * leaf.block_size) == 0 and (leaf.kind == "int8" or leaf.size % 2 == 0)
+  if n > 1 and not whole:
+    msg = (
+      f"the quantised leaf {path!r} (shape {leaf.shape}, {blocks} blocks of "
+      f"{leaf.block_size}) cannot be split over {'*'.join(names)}={n} on whole blocks"
+    )
+    if strict:
+      raise ValueError(msg)
+    leftovers.append(f"{path} {leaf.shape} (blocks not divisible by {n})")
+    split = P()
+  rep = P()
+
+  def by_blocks(x: Any, count: int) -> Any:
+    if x is None:
+      return None
+    return split if count % max(n, 1) == 0 and split != P() else rep
+
+  scale_blocks = -(-blocks // 256)
+  return dataclasses.replace(
+    leaf,
+    codes=split,
+    absmax=by_blocks(leaf.absmax, blocks),
+    absmax_codes=by_blocks(leaf.absmax_codes, blocks),
+    absmax_scale=by_blocks(leaf.absmax_scale, scale_blocks),
+    offset=None if leaf.offset is None else rep,
+  )
+
+
+def _is_rules(rules: Any) -> bool:
+  return (
+    isinstance(rules, (list, tuple))
+    and bool(rules)
+    and all(isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str) for r in rules)
+  )
+
+
+def partition_specs(
+  params: Any, rules: Any = "fsdp", *, mesh: Mesh, min_size: int = 1 << 14
+) -> Any:
+  """``PartitionSpec`` s for every leaf of a (wrapped, quantised) pytree.
+
+  Args:
+    params: a pytree, possibly holding :class:`LoraLeaf` and :class:`QuantLeaf` nodes.
+    rules: how base leaves are sharded (LoRA factors and quantised leaves follow their base):
+
+      * ``"fsdp"`` (default): each leaf of at least ``min_size`` elements has its largest
+        axis divisible by the mesh's ``fsdp`` size split over ``fsdp`` and, when the mesh has
+        a ``model`` axis, its largest remaining divisible axis over ``model`` (tensor
+        parallelism). Leaves with no divisible axis stay replicated, with a warning.
+      * ``"replicate"``: every leaf on every device.
+      * ``[(regex, spec), ...]``: the first regex that fully matches the leaf's path (as in
+        ``targets``: ``params/encoder/query/kernel``) gives its spec, a ``PartitionSpec`` over
+        the base's axes, ``"fsdp"`` or ``None`` (replicated); unmatched leaves are
+        replicated. A rule that matches no leaf is an error.
+      * a pytree of ``PartitionSpec`` (or ``None``) with the structure of the base
+        (``lora_fn.unwrap(params)``), e.g. from ``flax.linen.get_partition_spec``.
+    mesh: the mesh the specs refer to.
+    min_size: smallest leaf the ``"fsdp"`` rule splits.
+
+  Returns:
+    A pytree with the structure of ``params`` whose array leaves are ``PartitionSpec`` s
+    (``LoraLeaf`` / ``QuantLeaf`` nodes hold a spec per field).
+
+  Raises:
+    ValueError: a spec that names an axis the mesh lacks, splits an axis its mesh axes do not
+      divide, or has more entries than the leaf has axes (naming the leaf); a rule that
+      matches nothing; a spec tree of another structure; an unknown rule string.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = lora_fn.make_mesh("fsdp=1,model=1", devices=jax.devices()[:1])
+    >>> params = {"w": jnp.ones((256, 128)), "bias": jnp.zeros(128)}
+    >>> params = lora_fn.wrap(params, rank=4, targets=("w",), key=jax.random.key(0))
+    >>> specs = lora_fn.partition_specs(params, [("w", P("fsdp", "model"))], mesh=mesh)
+    >>> specs["w"].w, specs["w"].a, specs["w"].b, specs["bias"]
+    (P('fsdp', 'model'), P(None, 'fsdp'), P(None, 'model'), P())
+  """
+  is_node = lambda x: is_lora(x) or is_quant(x)  # noqa: E731
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
+  paths = [_paths.path_str(p) for p, _ in flat]
+  leaves = [x for _, x in flat]
+  shapes = [tuple(x.shape) if is_node(x) else tuple(np.shape(x)) for x in leaves]
+  leftovers: list[str] = []
+  strict = [True] * len(leaves)
+  if isinstance(rules, str):
+    if rules not in ("fsdp", "replicate"):
+      raise ValueError(
+        f"rules must be 'fsdp', 'replicate', a rule list or a spec tree; got: {rules!r}"
+      )
+    base = [
+      _fsdp_spec(p, s, mesh, min_size, leftovers) if rules == "fsdp" else P()
+      for p, s in zip(paths, shapes)
+    ]
+    strict = [False] * len(leaves)
+  elif _is_rules(rules):
+    base, used = [], [False] * len(rules)
+    for p, s in zip(paths, shapes):
+      j = next((j for j, (pattern, _) in enumerate(rules) if re.fullmatch(pattern, p)), None)
+      spec = None if j is None else rules[j][1]
+      if j is not None:
+        used[j] = True
+      if spec == "fsdp":
+        base.append(_fsdp_spec(p, s, mesh, min_size, leftovers))
+        strict[len(base) - 1] = False
+      elif spec is None or isinstance(spec, PartitionSpec):
+        base.append(P() if spec is None else spec)
+      else:
+        raise TypeError(
+          f"the spec of rule {rules[j][0]!r} must be a PartitionSpec, 'fsdp' or None; got: {spec!r}"
+        )
+    unused = [rules[j][0] for j, u in enumerate(used) if not u]
+    if unused:
+      raise ValueError(f"sharding rules {unused} matched no parameter; paths look like {paths[:3]}")
+  else:
+    spec_flat = jax.tree_util.tree_flatten_with_path(rules, is_leaf=_is_spec)[0]
+    spec_paths = [_paths.path_str(q) for q, _ in spec_flat]
+    spec_leaves = [s for _, s in spec_flat]
+    if spec_paths != paths or any(not _is_spec(s) for s in spec_leaves):
+      extra = sorted(set(spec_paths) - set(paths))[:3]
+      missing = sorted(set(paths) - set(spec_paths))[:3]
+      raise ValueError(
+        "rules must be 'fsdp', 'replicate', a list of (regex, spec) or a pytree of "
+        "PartitionSpec with the structure of the base (lora_fn.unwrap(params)); the spec "
+        f"tree has {len(spec_paths)} leaves, the base {len(paths)}; not in the base: {extra}, "
+        f"missing: {missing}"
+      )
+    base = [P() if s is None else s for s in spec_leaves]
+  out = []
+  for p, leaf, shape, spec, exact in zip(paths, leaves, shapes, base, strict):
+    _check_spec(p, spec, shape, mesh)
+    if is_lora(leaf) and is_quant(leaf.w):
+      out.append(
+        dataclasses.replace(
+          _lora_specs(leaf, spec), w=_quant_specs(p, leaf.w, spec, mesh, exact, leftovers)
+        )
+      )
+    elif is_lora(leaf):
+      out.append(_lora_specs(leaf, spec))
+    elif is_quant(leaf):
+      out.append(_quant_specs(p, leaf, spec, mesh, exact, leftovers))
+    else:
+      out.append(spec)
+  if leftovers:
+    warnings.warn(
+      "these leaves stay replicated: " + "; ".join(leftovers), ShardingWarning, stacklevel=2
+    )
+  return jax.tree.unflatten(treedef, out)
+
+
+def shardings(params: Any, mesh: Mesh, rules: Any = "fsdp", **kwargs: Any) -> Any:
+  """``NamedSharding`` s for ``params``: :func:`partition_specs` on ``mesh``."""
+  specs = partition_specs(params, rules, mesh=mesh, **kwargs)
+  return jax.tree.map(
+    lambda s: None if s is None else NamedSharding(mesh, s), specs, is_leaf=_is_spec
+  )
+
+
+def shard(params: Any, mesh: Mesh, rules: Any = "fsdp", **kwargs: Any) -> Any:
+  """Places ``params`` on ``mesh`` as :func:`partition_specs` says.
+
+  Host values (numpy or single-device arrays) become global arrays, each device receiving only
+  its shard; in a multi-process run every process passes the same values. Arrays already
+  spread over the mesh are resharded.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> mesh = lora_fn.make_mesh("data=-1")
+    >>> params = {"w": jnp.ones((256, 128))}
+    >>> params = lora_fn.wrap(params, rank=4, targets=("w",), key=jax.random.key(0))
+    >>> placed = lora_fn.shard(params, mesh)
+    >>> placed["w"].a.sharding.mesh == mesh
+    True
+  """
+  return place(params, shardings(params, mesh, rules, **kwargs))
+
+
+def state_shardings(state: Any, params: Any) -> Any:
+  """Shardings for an optimiser state of ``params`` (placed arrays): leaves follow their param.
+
+  Each state leaf whose key path ends with a param's key path and has its shape (Adam's
+  ``mu`` and ``nu``, momentum, ...) takes that param's sharding; the rest (step counts,
+  scalars) are replicated on the params' mesh. ``state`` may be abstract
+  (``jax.eval_shape(tx.init, params)``), so the state can be created sharded by ``jax.jit``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, lorax_fn as lora_fn
+    >>> mesh = lora_fn.make_mesh("fsdp=-1")
+    >>> params = lora_fn.shard({"w": jnp.ones((256, 128))}, mesh, min_size=1)
+    >>> tx = optax.adam(1e-3)
+    >>> out = lora_fn.state_shardings(jax.eval_shape(tx.init, params), params)
+    >>> opt_state = jax.jit(tx.init, out_shardings=out)(params)
+    >>> opt_state[0].mu["w"].sharding == params["w"].sharding
+    True
+  """
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  if not flat:
+    raise ValueError("params has no arrays to take shardings from")
+  mesh = next(
+    (x.sharding.mesh for _, x in flat if isinstance(getattr(x, "sharding", None), NamedSharding)),
+    None,
+  )
+  if mesh is None:
+    raise ValueError("params must be placed on a mesh first (lora_fn.shard)")
+  by_path = {tuple(p): x for p, x in flat}
+  replicated = NamedSharding(mesh, P())
+
+  def one(path: Any, x: Any) -> NamedSharding:
+    path = tuple(path)
+    for i in range(len(path)):
+      param = by_path.get(path[i:])
+      if param is not None and tuple(param.shape) == tuple(x.shape):
+        return param.sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Each array of ``tree`` as a global array with the matching sharding of ``shardings``."""
+
+  def one(x: Any, s: NamedSharding) -> Any:
+    if x is None:
+      return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.jit(lambda v: v, out_shardings=s)(x)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+  return jax.tree.map(one, tree, shardings, is_leaf=lambda x: x is None)
