@@ -59,7 +59,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.warmup_fraction = 0.1
   config.optim.grad_clip = 1.0
 
-  config.batch_size = 64
+  # Devices: a mesh over data / fsdp / model ("data=-1": data parallel over every device;
+  # "data=2,fsdp=4": batch over 8, weights split 4 ways), and how weights are split:
+  # "fsdp" (largest axis over fsdp, next over model) or "replicate".
+  config.mesh = "data=-1"
+  config.sharding = "fsdp"
+  config.shard_min_size = 1 << 14  # smaller leaves are replicated
+  # Multi-process runs: jax.distributed.initialize() is called when the coordinator is set
+  # here, or when the environment names one (JAX_COORDINATOR_ADDRESS, a TPU pod slice,
+  # SLURM or Open MPI with several tasks).
+  config.dist = ml_collections.ConfigDict()
+  config.dist.coordinator = ""  # "host:port" of process 0
+  config.dist.num_processes = 0
+  config.dist.process_id = -1
+
+  config.batch_size = 64  # global: split over processes and the mesh's data/fsdp axes
   config.epochs = 5
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 200

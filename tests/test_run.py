@@ -230,3 +230,19 @@ def test_sigint_saves_and_resumes(tmp_path):
     work, data, "--config.epochs=40", "--config.debug_kill_at_step=" + str(step + 1), check=False
   )
   assert f"resumed from the checkpoint at step {step}" in resumed.stdout
+
+
+def test_sharded_run_matches_one_device(runs, tmp_path):
+  """4 virtual devices, weights split 4 ways (FSDP): the same losses and eval as one device."""
+  root, data, _, _, _ = runs
+  env = dict(_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  extra = ("--config.mesh=data=1,fsdp=4", "--config.shard_min_size=1")
+  proc = subprocess.run(
+    _command(tmp_path / "w", data, *extra), capture_output=True, text=True, env=env, timeout=600
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  one, four = _records(root / "full"), _records(tmp_path / "w")
+  loss = lambda rs: [r["loss"] for r in rs if r["split"] == "train" and "loss" in r]  # noqa: E731
+  np.testing.assert_allclose(loss(four), loss(one), rtol=1e-4)
+  acc = lambda rs: [r["accuracy"] for r in rs if r["split"] == "eval"]  # noqa: E731
+  assert acc(four) == acc(one)

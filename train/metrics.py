@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 import lorax_fn as lora_fn
@@ -71,34 +72,35 @@ class Writer:
     with open(self.path) as f:
       return [json.loads(line) for line in f if line.strip()]
 
-  def best(self, split: str, key: str) -> float:
-    """The best value logged so far (a resumed run keeps its best checkpoint)."""
-    return max((r[key] for r in self.records() if r["split"] == split and key in r), default=-1.0)
-
   def save_best_adapter(
     self, params: Any, trainable: Sequence[str], meta: Mapping, logits: np.ndarray
   ) -> None:
     """Replaces ``workdir/best_adapter`` atomically: write beside it, then rename.
 
     Its eval logits go beside it (``best_eval_logits.npy``) so restored adapters can be
-    checked against them.
+    checked against them. Every process calls this (Orbax writes sharded arrays from all of
+    them); only process 0 (``enabled``) touches the files around it.
     """
-    tmp_logits = os.path.join(self.workdir, "best_eval_logits.tmp.npy")
-    np.save(tmp_logits, logits)
-    os.replace(tmp_logits, os.path.join(self.workdir, "best_eval_logits.npy"))
     final = os.path.abspath(os.path.join(self.workdir, "best_adapter"))
     tmp, old = final + ".tmp", final + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if self.enabled:
+      tmp_logits = os.path.join(self.workdir, "best_eval_logits.tmp.npy")
+      np.save(tmp_logits, logits)
+      os.replace(tmp_logits, os.path.join(self.workdir, "best_eval_logits.npy"))
+      shutil.rmtree(tmp, ignore_errors=True)
+    _sync("best_adapter_tmp_cleared")
     lora_fn.save_adapter(
       tmp,
       params,
       trainable=trainable,
       metadata={"base_model": meta["base_model"], "class_names": meta["class_names"]},
     )
-    if os.path.exists(final):
-      os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    if self.enabled:
+      if os.path.exists(final):
+        os.replace(final, old)
+      os.replace(tmp, final)
+      shutil.rmtree(old, ignore_errors=True)
+    _sync("best_adapter_renamed")
 
   def plot(self, path: str) -> None:
     """Train loss and eval accuracy / macro-F1 against the step, as a PNG."""
@@ -128,3 +130,11 @@ class Writer:
   def close(self) -> None:
     if self.tb is not None:
       self.tb.close()
+
+
+def _sync(name: str) -> None:
+  """A barrier across processes (nothing to do in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)

@@ -28,6 +28,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import app, logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +64,8 @@ def load_base(config, num_classes: int, workdir: str) -> tuple[Any, Any]:
   key = jax.random.key(config.seed)
   dtype = jnp.dtype(config.model.compute_dtype)
   if config.model.source in ("pretrain:digits", "random"):
+    if config.model.source == "pretrain:digits" and jax.process_count() > 1:
+      raise ValueError("model.source 'pretrain:digits' (the offline demo) runs in one process")
     model = vit_lib.ViT(num_classes=num_classes, dtype=dtype, **config.model.preset)
     if config.model.source == "random":
       size = config.data.image_size
@@ -128,8 +133,15 @@ def evaluate(
   batch_size: int,
   class_names=None,
   return_logits: bool = False,
+  sharding: NamedSharding | None = None,
 ) -> Any:
-  """Accuracy and macro-F1 over the split (this host's shard), and the logits if asked."""
+  """Accuracy and macro-F1 over the split, and the logits if asked.
+
+  ``batch_size`` is per process. With ``sharding`` (multi-device runs) each process feeds its
+  shard of the split into global batches and every process gets all logits back, so the
+  metrics are over the whole split everywhere; all processes run the same number of batches
+  (one that has run out feeds masked-out blanks).
+  """
   ds = data_lib.batches(
     split,
     batch_size=batch_size,
@@ -138,21 +150,38 @@ def evaluate(
     image_size=config.data.image_size,
     class_names=class_names,
   )
-  limit = config.data.eval_limit or len(split)
+  n_proc = jax.process_count()
+  limit = min(config.data.eval_limit or len(split), len(split))
+  num_batches = math.ceil(math.ceil(limit / n_proc) / batch_size)
+  size = config.data.image_size
+  blank = {
+    "image": np.zeros((0, size, size, 3), np.float32),
+    "label": np.zeros((0,), np.int32),
+    "valid": np.zeros((0,), np.int32),
+  }
   preds, labels, kept = [], [], []
   run = _jit_logits(apply)
-  for i, batch in enumerate(data_lib.iterate(ds, 0, config.data.workers)):
-    if i * batch_size >= limit:
-      break
+  batches = data_lib.iterate(ds, 0, config.data.workers)
+  for _ in range(num_batches):
+    batch = next(batches, blank)
     n = len(batch["label"])
     padded = {
       k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
       for k, v in batch.items()
-    }  # one compiled shape for the last batch too
-    logits = np.asarray(run(params, padded["image"]))[:n]
-    keep = batch["valid"].astype(bool)
+    }  # one compiled shape for the last batch too; padding is masked out by "valid"
+    if sharding is None:
+      logits = np.asarray(run(params, padded["image"]))
+    else:
+      images = jax.make_array_from_process_local_data(sharding, padded["image"])
+      logits = np.asarray(multihost_utils.process_allgather(run(params, images), tiled=True))
+      padded = {
+        k: np.asarray(multihost_utils.process_allgather(v, tiled=False)).reshape(-1, *v.shape[1:])
+        for k, v in padded.items()
+        if k != "image"
+      }
+    keep = padded["valid"].astype(bool)
     preds.append(logits.argmax(-1)[keep])
-    labels.append(batch["label"][keep])
+    labels.append(padded["label"][keep])
     kept.append(logits[keep])
   result = metrics_lib.classification(np.concatenate(preds), np.concatenate(labels))
   return (result, np.concatenate(kept)) if return_logits else result
@@ -189,22 +218,57 @@ def unflatten_state(like: Any, flat: dict[str, Any]) -> Any:
   return jax.tree.unflatten(jax.tree.structure(like), [flat[k] for k in sorted(flat)])
 
 
+def init_distributed(config) -> None:
+  """``jax.distributed.initialize`` for a multi-process run; call before any other JAX call."""
+  env = os.environ
+  multi = (
+    bool(config.dist.coordinator)
+    or "JAX_COORDINATOR_ADDRESS" in env
+    or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    or int(env.get("SLURM_NTASKS", "1")) > 1
+    or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+  )
+  if not multi:
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by CPU hosts
+  if config.dist.coordinator:
+    jax.distributed.initialize(
+      config.dist.coordinator,
+      num_processes=config.dist.num_processes or None,
+      process_id=None if config.dist.process_id < 0 else config.dist.process_id,
+    )
+  else:
+    jax.distributed.initialize()  # the cluster (TPU pod, SLURM, MPI) describes itself
+
+
 def main(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
+  init_distributed(config)
   workdir = config.workdir
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  mesh = lora_fn.make_mesh(config.mesh)
+  n_proc = jax.process_count()
+  batch_shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+  if config.batch_size % n_proc or config.batch_size % batch_shards:
+    raise ValueError(
+      f"batch_size {config.batch_size} must divide evenly over {n_proc} processes and the "
+      f"mesh's data x fsdp = {batch_shards} batch shards (--config.mesh={config.mesh!r})"
+    )
+  host_batch = config.batch_size // n_proc
+  data_sharding = lora_fn.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, P())
 
   # ------------------------------------------------------------------------------ Data
   train_split, eval_split = load_splits(config)
   class_names = train_split.class_names
   num_classes = len(class_names)
-  steps_per_epoch = len(train_split) // (config.batch_size * jax.process_count())
+  steps_per_epoch = (len(train_split) // n_proc) // host_batch  # the smallest host shard's
   total_steps = steps_per_epoch * config.epochs
   train_ds = data_lib.batches(
     train_split,
-    batch_size=config.batch_size,
+    batch_size=host_batch,
     seed=config.seed,
     train=True,
     image_size=config.data.image_size,
@@ -229,7 +293,10 @@ def main(argv: list[str]) -> None:
     key=jax.random.key(config.seed + 1),
   )
   trainable_spec = tuple(config.lora.trainable)
-  print(lora_fn.summary(params, trainable=trainable_spec))
+  if is_main:
+    print(lora_fn.summary(params, trainable=trainable_spec))
+  # Every weight on the mesh: LoRA factors follow their base's spec (the rank axis replicated).
+  params = lora_fn.shard(params, mesh, config.sharding, min_size=config.shard_min_size)
 
   # ------------------------------------------------------------------------------ Optimizer
   schedule = optax.warmup_cosine_decay_schedule(
@@ -248,13 +315,16 @@ def main(argv: list[str]) -> None:
   )
   trainable, frozen = lora_fn.split(params, trainable=trainable_spec)
   trainable = jax.tree.map(jnp.copy, trainable)  # the train step donates it; the base keeps its own
-  opt_state = tx.init(trainable)
+  opt_shardings = lora_fn.state_shardings(jax.eval_shape(tx.init, trainable), trainable)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
   apply = lora_fn.lora(model.apply)
+  key = jax.random.key(config.seed + 2)
+  shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+  trainable_shardings = shardings_of(trainable)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(trainable, opt_state, frozen, batch, key):
+  def train_step(trainable, opt_state, frozen, batch, step):
     def loss_fn(t):
-      logits = lora_fn.lora(model.apply, key=key)(
+      logits = lora_fn.lora(model.apply, key=jax.random.fold_in(key, step))(
         lora_fn.combine(t, frozen), batch["image"].astype(model.dtype)
       )
       return xent(logits, batch["label"], batch["valid"])
@@ -262,6 +332,24 @@ def main(argv: list[str]) -> None:
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
+
+  # jit with explicit shardings (what pjit did): state and batch in, state out, donated.
+  train_step = jax.jit(
+    train_step,
+    in_shardings=(
+      trainable_shardings,
+      opt_shardings,
+      shardings_of(frozen),
+      data_sharding,
+      replicated,
+    ),
+    out_shardings=(trainable_shardings, opt_shardings, replicated),
+    donate_argnums=(0, 1),
+  )
+
+  def to_global(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows of the global batch, spread over the mesh's batch shards."""
+    return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
 
   # ------------------------------------------------------------------------------ Checkpoints
   _, adapter_config = lora_fn._checkpoint.adapter_state(params, trainable=trainable_spec)
@@ -276,8 +364,7 @@ def main(argv: list[str]) -> None:
     options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints),
     item_names=("state", "meta"),
   )
-  key = jax.random.key(config.seed + 2)
-  start = 0
+  start, best = 0, -1.0  # best eval accuracy: the same on every process
   if mngr.latest_step() is not None:
     start = mngr.latest_step()
     saved = mngr.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -294,6 +381,7 @@ def main(argv: list[str]) -> None:
     )["state"]
     state = unflatten_state(like, state)
     trainable, opt_state = state["trainable"], state["opt_state"]
+    best = saved.get("best_accuracy", -1.0)
     print(f"resumed from the checkpoint at step {start}")
 
   def save(step: int) -> None:
@@ -308,6 +396,7 @@ def main(argv: list[str]) -> None:
           meta
           | {
             "step": step,
+            "best_accuracy": best,
             "data_position": {"batch": step, "examples": step * config.batch_size},
             "rng": {"seed": config.seed + 2, "per_step": "fold_in(key, step)"},
           }
@@ -317,7 +406,6 @@ def main(argv: list[str]) -> None:
 
   # ------------------------------------------------------------------------------ Train
   log = metrics_lib.Writer(workdir, enabled=is_main)
-  best = log.best("eval", "accuracy")
   bar = metrics_lib.progress(total_steps, start, enabled=is_main)
   batches = data_lib.iterate(train_ds, start, config.data.workers)
   pending: list[tuple[int, jax.Array]] = []
@@ -338,9 +426,7 @@ def main(argv: list[str]) -> None:
     batch = next(batches)
     skipped += int(batch["valid"].size - batch["valid"].sum())
     seen += len(batch["label"])
-    trainable, opt_state, loss = train_step(
-      trainable, opt_state, frozen, batch, jax.random.fold_in(key, step)
-    )
+    trainable, opt_state, loss = train_step(trainable, opt_state, frozen, to_global(batch), step)
     pending.append((step, loss))
     if step % config.log_every_steps == 0 or step == total_steps:
       losses = check_finite(pending, mngr.latest_step(), workdir)
@@ -364,19 +450,23 @@ def main(argv: list[str]) -> None:
         lora_fn.combine(trainable, frozen),
         eval_split,
         config,
-        config.batch_size,
+        host_batch,
         class_names,
         return_logits=True,
+        sharding=data_sharding,
       )
       log.scalars(step, "eval", result)
       bar.write(
         f"step {step}: eval accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}"
       )
-      if result["accuracy"] > best and is_main:
+      if result["accuracy"] > best:  # every process: Orbax writes sharded arrays together
         best = result["accuracy"]
         log.save_best_adapter(lora_fn.combine(trainable, frozen), trainable_spec, meta, logits)
     if step == config.debug_kill_at_step:
       os.kill(os.getpid(), signal.SIGKILL)
+    # A signal may reach only some processes: they all stop at the same step boundary.
+    if n_proc > 1 and np.max(multihost_utils.process_allgather(np.int32(len(stop) > 0))):
+      stop.append(stop[0] if stop else signal.SIGTERM)
     if stop:
       for s, l in check_finite(pending, mngr.latest_step(), workdir):  # never save NaNs
         log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
@@ -395,13 +485,17 @@ def main(argv: list[str]) -> None:
   if is_main:
     log.plot(os.path.join(workdir, "curves.png"))
     print(f"skipped {skipped} unreadable images; curves in {workdir}/curves.png")
-    if config.export_merged:
-      path = os.path.abspath(os.path.join(workdir, "merged"))
-      ocp.StandardCheckpointer().save(path, lora_fn.merge(params), force=True)
+  if config.export_merged:  # every process: the merged weights are sharded like the base
+    path = os.path.abspath(os.path.join(workdir, "merged"))
+    ocp.StandardCheckpointer().save(path, lora_fn.merge(params), force=True)
+    if is_main:
       print(f"merged parameters (W + s·BA) written to {path}")
   log.close()
   if config.compare_baselines:
-    compare_baselines(config, model, base, params, train_ds, eval_split, class_names, total_steps)
+    if n_proc > 1:
+      print("compare_baselines runs in single-process runs only; skipped")
+    else:
+      compare_baselines(config, model, base, params, train_ds, eval_split, class_names, total_steps)
 
 
 def compare_baselines(
