@@ -130,7 +130,7 @@ def _fsdp_spec(
 ) -> PartitionSpec:
   """The default rule: the largest divisible axis over ``fsdp``, the next over ``model``."""
   spec: list[Any] = [None] * len(shape)
-  if math.prod(shape) < min_size:
+  if not shape or math.prod(shape) < min_size:
     return P(*spec)
   for axis in ("fsdp", "model"):
     n = mesh.shape.get(axis, 1)
@@ -165,12 +165,30 @@ def _check_spec(path: str, spec: PartitionSpec, shape: tuple[int, ...], mesh: Me
       )
 
 
+def _shape(x: Any) -> tuple[int, ...]:
+  """The base's shape; for the trainable half of ``split`` (no ``w``), read off ``a`` and ``b``."""
+  if is_lora(x) and x.w is None:
+    shape = [0] * len(x.roles)
+    for f, axes in zip((x.a, x.b), factor_axes(x.roles)):
+      for i, n in zip(axes, np.shape(f)):
+        if i is not None:
+          shape[i] = n
+    return tuple(shape)
+  return tuple(x.shape) if is_quant(x) or is_lora(x) else tuple(np.shape(x))
+
+
 def _lora_specs(leaf: LoraLeaf, spec: PartitionSpec) -> LoraLeaf:
+  """Specs for ``w``, ``a`` and ``b`` (``None`` where ``split`` left the field empty)."""
   entries = tuple(spec) + (None,) * (len(leaf.roles) - len(spec))
   a_axes, b_axes = factor_axes(leaf.roles)
   a = P(*(None if i is None else entries[i] for i in a_axes))
   b = P(*(None if i is None else entries[i] for i in b_axes))
-  return dataclasses.replace(leaf, w=spec, a=a, b=b)
+  return dataclasses.replace(
+    leaf,
+    w=None if leaf.w is None else spec,
+    a=None if leaf.a is None else a,
+    b=None if leaf.b is None else b,
+  )
 
 
 def _quant_specs(
@@ -181,7 +199,7 @@ def _quant_specs(
   n = math.prod(mesh.shape[a] for a in names)
   split = P(names if len(names) > 1 else names[0]) if names else P()
   blocks = -(-leaf.size // leaf.block_size)
-  whole = leaf.size % (n * leaf.block_size) == 0 and (leaf.kind == "int8" or leaf.size % 2 == 0)
+  whole = leaf.size % (n * leaf.block_size) == 0 and leaf.codes.shape[0] % n == 0
   if n > 1 and not whole:
     msg = (
       f"the quantised leaf {path!r} (shape {leaf.shape}, {blocks} blocks of "
@@ -248,6 +266,7 @@ def partition_specs(
     ValueError: a spec that names an axis the mesh lacks, splits an axis its mesh axes do not
       divide, or has more entries than the leaf has axes (naming the leaf); a rule that
       matches nothing; a spec tree of another structure; an unknown rule string.
+    TypeError: a rule whose spec is not a ``PartitionSpec``, ``"fsdp"`` or ``None``.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -263,7 +282,7 @@ def partition_specs(
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
   paths = [_paths.path_str(p) for p, _ in flat]
   leaves = [x for _, x in flat]
-  shapes = [tuple(x.shape) if is_node(x) else tuple(np.shape(x)) for x in leaves]
+  shapes = [_shape(x) for x in leaves]
   leftovers: list[str] = []
   strict = [True] * len(leaves)
   if isinstance(rules, str):
@@ -312,7 +331,9 @@ def partition_specs(
   out = []
   for p, leaf, shape, spec, exact in zip(paths, leaves, shapes, base, strict):
     _check_spec(p, spec, shape, mesh)
-    if is_lora(leaf) and is_quant(leaf.w):
+    if leaf is None:
+      out.append(None)
+    elif is_lora(leaf) and is_quant(leaf.w):
       out.append(
         dataclasses.replace(
           _lora_specs(leaf, spec), w=_quant_specs(p, leaf.w, spec, mesh, exact, leftovers)

@@ -246,3 +246,42 @@ def test_sharded_run_matches_one_device(runs, tmp_path):
   np.testing.assert_allclose(loss(four), loss(one), rtol=1e-4)
   acc = lambda rs: [r["accuracy"] for r in rs if r["split"] == "eval"]  # noqa: E731
   assert acc(four) == acc(one)
+
+
+def test_two_process_run_trains_checkpoints_and_resumes(runs, tmp_path):
+  """Two processes x 2 CPU devices (jax.distributed over gloo): train, save, resume."""
+  import socket
+
+  _, data, _, _, _ = runs
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  work = tmp_path / "w"
+
+  def launch(pid, *extra):
+    cmd = _command(
+      work,
+      data,
+      "--config.mesh=data=2,fsdp=2",
+      "--config.shard_min_size=1",
+      f"--config.dist.coordinator=127.0.0.1:{port}",
+      "--config.dist.num_processes=2",
+      f"--config.dist.process_id={pid}",
+      *extra,
+    )
+    out = open(tmp_path / f"p{pid}.txt", "a")  # files, not pipes: nothing can block on them
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+
+  for _ in range(2):  # the second round finds the final checkpoint and resumes from it
+    procs = [launch(i) for i in range(2)]
+    for p in procs:
+      p.wait(timeout=600)
+    logs = [(tmp_path / f"p{i}.txt").read_text() for i in range(2)]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  assert "resumed from the checkpoint at step 8" in logs[0]
+  records = _records(work)
+  evals = [r for r in records if r["split"] == "eval"]
+  assert [r["step"] for r in evals] == [4, 8]  # process 0 alone writes the log
+  assert os.path.isdir(work / "checkpoints" / "8") and os.path.isdir(work / "best_adapter")
+  assert "step 8: eval accuracy" in logs[0] and "eval accuracy" not in logs[1]

@@ -279,3 +279,15 @@ def test_two_processes_train_save_and_restore_like_one(tmp_path):
     np.testing.assert_array_equal(b[k.replace("trained", "restored", 1)], b[k])
   # The NF4 codes are split over fsdp=2: each device holds half.
   assert (b["codes_per_device"] * 2 == b["codes_total"]).all()
+
+
+def test_specs_of_split_halves_match_the_whole():
+  params = _wrapped()
+  whole = lora_fn.partition_specs(params, mesh=MESH, min_size=1000)
+  trainable, frozen = lora_fn.split(params)
+  t_specs = lora_fn.partition_specs(trainable, mesh=MESH, min_size=1000)
+  f_specs = lora_fn.partition_specs(frozen, mesh=MESH, min_size=1000)
+  assert t_specs["stack"]["kernel"].w is None and f_specs["stack"]["kernel"].a is None
+  assert t_specs["stack"]["kernel"].b == whole["stack"]["kernel"].b
+  assert f_specs["stack"]["kernel"].w == whole["stack"]["kernel"].w
+  assert jax.tree.structure(t_specs) == jax.tree.structure(trainable)

@@ -172,13 +172,13 @@ def evaluate(
     if sharding is None:
       logits = np.asarray(run(params, padded["image"]))
     else:
-      images = jax.make_array_from_process_local_data(sharding, padded["image"])
-      logits = np.asarray(multihost_utils.process_allgather(run(params, images), tiled=True))
-      padded = {
-        k: np.asarray(multihost_utils.process_allgather(v, tiled=False)).reshape(-1, *v.shape[1:])
-        for k, v in padded.items()
-        if k != "image"
-      }
+      # Global arrays gathered the same way keep logits, labels and masks row-aligned
+      # whatever order the mesh gives the processes' rows.
+      glob = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in padded.items()}
+      logits = run(params, glob.pop("image"))
+      logits, padded = jax.tree.map(
+        lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), (logits, glob)
+      )
     keep = padded["valid"].astype(bool)
     preds.append(logits.argmax(-1)[keep])
     labels.append(padded["label"][keep])
@@ -251,10 +251,11 @@ def main(argv: list[str]) -> None:
   mesh = lora_fn.make_mesh(config.mesh)
   n_proc = jax.process_count()
   batch_shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-  if config.batch_size % n_proc or config.batch_size % batch_shards:
+  if config.batch_size % batch_shards or batch_shards % n_proc:
     raise ValueError(
-      f"batch_size {config.batch_size} must divide evenly over {n_proc} processes and the "
-      f"mesh's data x fsdp = {batch_shards} batch shards (--config.mesh={config.mesh!r})"
+      f"batch_size {config.batch_size} must divide evenly over the mesh's data x fsdp = "
+      f"{batch_shards} batch shards, and those over the {n_proc} processes (each process "
+      f"feeds its own rows); --config.mesh={config.mesh!r}"
     )
   host_batch = config.batch_size // n_proc
   data_sharding = lora_fn.batch_sharding(mesh)
@@ -347,6 +348,9 @@ def main(argv: list[str]) -> None:
     donate_argnums=(0, 1),
   )
 
+  def eval_apply(p: Any, x: jax.Array) -> jax.Array:  # one function: compiled once
+    return apply(p, x.astype(model.dtype))
+
   def to_global(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of the global batch, spread over the mesh's batch shards."""
     return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
@@ -436,17 +440,12 @@ def main(argv: list[str]) -> None:
       bar.set_postfix(loss=f"{losses[-1][1]:.4f}", img_s=f"{rate:.1f}", skipped=skipped)
       log.scalars(step, "train", {"images_per_s": rate, "skipped_images": skipped})
     bar.update(1)
-    if step % config.checkpoint_every_steps == 0:
-      for s, l in check_finite(pending, mngr.latest_step(), workdir):  # never save NaNs
-        log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
-      save(step)
     epoch_end = step % steps_per_epoch == 0
     if (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or (
       step == total_steps
     ):
-      merged_apply = lambda p, x: apply(p, x.astype(model.dtype))  # noqa: E731
       result, logits = evaluate(
-        merged_apply,
+        eval_apply,
         lora_fn.combine(trainable, frozen),
         eval_split,
         config,
@@ -456,18 +455,24 @@ def main(argv: list[str]) -> None:
         sharding=data_sharding,
       )
       log.scalars(step, "eval", result)
-      bar.write(
-        f"step {step}: eval accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}"
-      )
+      if is_main:
+        bar.write(
+          f"step {step}: eval accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}"
+        )
       if result["accuracy"] > best:  # every process: Orbax writes sharded arrays together
         best = result["accuracy"]
         log.save_best_adapter(lora_fn.combine(trainable, frozen), trainable_spec, meta, logits)
+    if step % config.checkpoint_every_steps == 0:
+      for s, l in check_finite(pending, mngr.latest_step(), workdir):  # never save NaNs
+        log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
+      save(step)  # after the eval: it records the best accuracy so far
     if step == config.debug_kill_at_step:
       os.kill(os.getpid(), signal.SIGKILL)
     # A signal may reach only some processes: they all stop at the same step boundary.
-    if n_proc > 1 and np.max(multihost_utils.process_allgather(np.int32(len(stop) > 0))):
-      stop.append(stop[0] if stop else signal.SIGTERM)
-    if stop:
+    stopping = bool(stop)  # read once: a signal may land any time
+    if n_proc > 1:
+      stopping = bool(np.max(multihost_utils.process_allgather(np.int32(stopping))))
+    if stopping:
       for s, l in check_finite(pending, mngr.latest_step(), workdir):  # never save NaNs
         log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
       bar.write(f"interrupted at step {step}: saving a checkpoint, then stopping")
@@ -487,7 +492,8 @@ def main(argv: list[str]) -> None:
     print(f"skipped {skipped} unreadable images; curves in {workdir}/curves.png")
   if config.export_merged:  # every process: the merged weights are sharded like the base
     path = os.path.abspath(os.path.join(workdir, "merged"))
-    ocp.StandardCheckpointer().save(path, lora_fn.merge(params), force=True)
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(path, lora_fn.merge(params), force=True)
     if is_main:
       print(f"merged parameters (W + s·BA) written to {path}")
   log.close()
