@@ -270,8 +270,9 @@ def test_two_process_run_trains_checkpoints_and_resumes(runs, tmp_path):
       f"--config.dist.process_id={pid}",
       *extra,
     )
-    out = open(tmp_path / f"p{pid}.txt", "a")  # files, not pipes: nothing can block on them
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+    # Files, not pipes: nothing can block on them.
+    with open(tmp_path / f"p{pid}.txt", "a") as out:
+      return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
 
   for _ in range(2):  # the second round finds the final checkpoint and resumes from it
     procs = [launch(i) for i in range(2)]
