@@ -1,6 +1,12 @@
 """lorax_fn: LoRA as a pure function transform for JAX and Flax."""
 
-from lorax_fn._checkpoint import read_adapter_config, restore_adapter, save_adapter
+from lorax_fn._checkpoint import (
+  adapter_config,
+  check_adapter_config,
+  read_adapter_config,
+  restore_adapter,
+  save_adapter,
+)
 from lorax_fn._infer import infer_layouts
 from lorax_fn._interpret import MaterializeWarning, lora
 from lorax_fn._leaves import Layout, LoraLeaf, is_lora
@@ -23,7 +29,9 @@ __all__ = [
   "LoraLeaf",
   "MaterializeWarning",
   "LoraOptState",
+  "adapter_config",
   "batch_sharding",
+  "check_adapter_config",
   "combine",
   "default_layout",
   "infer_layouts",

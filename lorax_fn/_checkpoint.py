@@ -74,6 +74,25 @@ def adapter_state(
   return arrays, {"format": _FORMAT, "lora": lora, "trainable": extra, "arrays": shapes}
 
 
+def adapter_config(
+  params: Any, *, trainable: _paths.Targets | None = None, bias: str = "none"
+) -> dict[str, Any]:
+  """The JSON record :func:`save_adapter` writes (without ``metadata``), for any checkpoint.
+
+  It names every LoRA leaf with its shape, axis roles, rank, alpha, rsLoRA and dropout, the
+  fully trained extra leaves, and the shape and dtype of each saved array. Store it with your
+  own checkpoints (``train/run.py`` does) and compare with :func:`check_adapter_config`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> p = lora_fn.wrap({"k": jnp.ones((5, 7))}, rank=2, targets=("k",), key=jax.random.key(0))
+    >>> config = lora_fn.adapter_config(p)
+    >>> config["lora"]["k"]["rank"], config["arrays"]["k/a"]
+    (2, [[2, 5], 'float32'])
+  """
+  return adapter_state(params, trainable=trainable, bias=bias)[1]
+
+
 def save_adapter(
   path: str | os.PathLike,
   params: Any,
@@ -136,8 +155,26 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     )["config"]
 
 
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where: str) -> None:
-  """Raises ``ValueError`` describing the first difference between two adapter configs."""
+def check_adapter_config(
+  saved: Mapping[str, Any], current: Mapping[str, Any], where: str = "the saved adapter"
+) -> None:
+  """Raises ``ValueError`` describing the first difference between two adapter configs.
+
+  Args:
+    saved: a record from :func:`adapter_config` (or :func:`read_adapter_config`).
+    current: the record of the model to load into.
+    where: how the message names the saved side (e.g. a checkpoint path).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
+    >>> w = {"k": jnp.ones((5, 7))}
+    >>> r2 = lora_fn.adapter_config(lora_fn.wrap(w, rank=2, targets=("k",), key=jax.random.key(0)))
+    >>> r3 = lora_fn.adapter_config(lora_fn.wrap(w, rank=3, targets=("k",), key=jax.random.key(0)))
+    >>> lora_fn.check_adapter_config(r2, r3, "run A")
+    Traceback (most recent call last):
+    ...
+    ValueError: run A: LoRA leaf 'k' was saved with rank=2 but the model has rank=3.
+  """
   if saved.get("format") != _FORMAT:
     raise ValueError(
       f"{where} is not a lorax_fn adapter checkpoint (format "
@@ -211,7 +248,7 @@ def restore_adapter(
   arrays, current = adapter_state(params, trainable=trainable, bias=bias)
   saved = read_adapter_config(path)
   where = f"adapter checkpoint {os.fspath(path)!r}"
-  check_compatible(saved, current, where)
+  check_adapter_config(saved, current, where)
   for k, v in (metadata or {}).items():
     if saved["metadata"].get(k) != v:
       raise ValueError(f"{where} has metadata {k}={saved['metadata'].get(k)!r}; expected {v!r}.")

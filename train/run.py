@@ -356,7 +356,7 @@ def main(argv: list[str]) -> None:
     return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
 
   # ------------------------------------------------------------------------------ Checkpoints
-  _, adapter_config = lora_fn._checkpoint.adapter_state(params, trainable=trainable_spec)
+  adapter_config = lora_fn.adapter_config(params, trainable=trainable_spec)
   meta = {
     "adapter": adapter_config,
     "base_model": config.model.source,
@@ -373,7 +373,7 @@ def main(argv: list[str]) -> None:
     start = mngr.latest_step()
     saved = mngr.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     where = f"checkpoint directory {os.path.join(workdir, 'checkpoints')!r}"
-    lora_fn._checkpoint.check_compatible(saved["adapter"], adapter_config, where)
+    lora_fn.check_adapter_config(saved["adapter"], adapter_config, where)
     if saved["base_model"] != config.model.source:
       raise ValueError(
         f"{where} was trained on base model {saved['base_model']!r}, not "
@@ -468,10 +468,12 @@ def main(argv: list[str]) -> None:
       save(step)  # after the eval: it records the best accuracy so far
     if step == config.debug_kill_at_step:
       os.kill(os.getpid(), signal.SIGKILL)
-    # A signal may reach only some processes: they all stop at the same step boundary.
+    # A signal may reach only some processes: they agree (at each logging step, where the
+    # loop waits for the device anyway) and all stop at the same step boundary.
     stopping = bool(stop)  # read once: a signal may land any time
     if n_proc > 1:
-      stopping = bool(np.max(multihost_utils.process_allgather(np.int32(stopping))))
+      agree = step % config.log_every_steps == 0 or step == total_steps
+      stopping = agree and bool(np.max(multihost_utils.process_allgather(np.int32(stopping))))
     if stopping:
       for s, l in check_finite(pending, mngr.latest_step(), workdir):  # never save NaNs
         log.scalars(s, "train", {"loss": l, "lr": float(schedule(s))})
