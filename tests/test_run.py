@@ -285,4 +285,5 @@ def test_two_process_run_trains_checkpoints_and_resumes(runs, tmp_path):
   evals = [r for r in records if r["split"] == "eval"]
   assert [r["step"] for r in evals] == [4, 8]  # process 0 alone writes the log
   assert os.path.isdir(work / "checkpoints" / "8") and os.path.isdir(work / "best_adapter")
+  assert np.load(work / "best_eval_logits.npy").shape == (9, 3)  # both processes' examples
   assert "step 8: eval accuracy" in logs[0] and "eval accuracy" not in logs[1]

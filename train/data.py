@@ -93,7 +93,12 @@ class _Decode:
       "image": np.ascontiguousarray(pixels),
       "label": np.int32(label),
       "valid": np.int32(valid),
+      "index": np.int32(example["index"]),
     }
+
+
+def _with_index(index: int, example: dict[str, Any]) -> dict[str, Any]:
+  return {**example, "index": index}
 
 
 def batches(
@@ -115,7 +120,9 @@ def batches(
   mapped by class *name* onto ``class_names`` (default: the split's own names).
   """
   label_map = label_mapping(split.class_names, class_names or split.class_names)
-  ds = grain.MapDataset.source(split.source)
+  # Each example carries its position in the split, so per-process results can be put back
+  # in dataset order.
+  ds = grain.MapDataset.source(split.source).map_with_index(_with_index)
   if jax.process_count() > 1:
     ds = ds[jax.process_index() :: jax.process_count()]
   if train:

@@ -158,8 +158,9 @@ def evaluate(
     "image": np.zeros((0, size, size, 3), np.float32),
     "label": np.zeros((0,), np.int32),
     "valid": np.zeros((0,), np.int32),
+    "index": np.zeros((0,), np.int32),
   }
-  preds, labels, kept = [], [], []
+  preds, labels, kept, order = [], [], [], []
   run = _jit_logits(apply)
   batches = data_lib.iterate(ds, 0, config.data.workers)
   for _ in range(num_batches):
@@ -183,8 +184,11 @@ def evaluate(
     preds.append(logits.argmax(-1)[keep])
     labels.append(padded["label"][keep])
     kept.append(logits[keep])
+    order.append(padded["index"][keep])
   result = metrics_lib.classification(np.concatenate(preds), np.concatenate(labels))
-  return (result, np.concatenate(kept)) if return_logits else result
+  # The logits in dataset order, whichever process evaluated each example.
+  logits = np.concatenate(kept)[np.argsort(np.concatenate(order), kind="stable")]
+  return (result, logits) if return_logits else result
 
 
 @functools.lru_cache(maxsize=8)
