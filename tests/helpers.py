@@ -70,3 +70,14 @@ def assert_trees_equal(actual, expected):
   assert len(flat_a) == len(flat_e)
   for (path, a), e in zip(flat_a, flat_e):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=jax.tree_util.keystr(path))
+
+
+def all_eqns(jaxpr):
+  """Every equation of ``jaxpr`` and of the sub-jaxprs in its parameters (scan, cond, ...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from all_eqns(inner)

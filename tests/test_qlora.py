@@ -9,27 +9,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import assert_trees_close, assert_trees_equal, randomize
+from helpers import all_eqns, assert_trees_close, assert_trees_equal, randomize
+from sharded_train import Model
 
 import lorax_fn as lora_fn
 
 K = jax.random.key
-
-
-class Block(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    h = nn.LayerNorm()(x)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(h, h)
-    return x + nn.Dense(16, name="mlp_out")(nn.gelu(nn.Dense(48, name="mlp_in")(nn.LayerNorm()(x))))
-
-
-class Model(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(16, name="embed")(x)
-    x = Block(name="b0")(Block(name="b1")(x))
-    return nn.Dense(5, name="head")(x.mean(axis=1))
 
 
 TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
@@ -202,19 +187,12 @@ class _Scanned(nn.Module):
 
 def _float_values_of_shape(jaxpr, shape):
   """Float values shaped ``shape`` produced anywhere in ``jaxpr`` (sub-jaxprs included)."""
-  found = []
-  for eqn in jaxpr.eqns:
-    found += [
-      v.aval
-      for v in eqn.outvars
-      if v.aval.shape == shape and jnp.issubdtype(v.aval.dtype, jnp.floating)
-    ]
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          found += _float_values_of_shape(inner, shape)
-  return found
+  return [
+    v.aval
+    for eqn in all_eqns(jaxpr)
+    for v in eqn.outvars
+    if v.aval.shape == shape and jnp.issubdtype(v.aval.dtype, jnp.floating)
+  ]
 
 
 def test_scanned_qlora_decodes_one_layer_at_a_time():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from helpers import assert_trees_equal
+from helpers import all_eqns, assert_trees_equal
 
 import lorax_fn as lora_fn
 
@@ -50,16 +50,13 @@ def _data():
 
 def _frozen_dots_of_kernel_shape(jaxpr, shapes):
   """dot_general outputs (in any sub-jaxpr) shaped like a frozen kernel: its gradient."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      found += [v.aval.shape for v in eqn.outvars if v.aval.shape in shapes]
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          found += _frozen_dots_of_kernel_shape(inner, shapes)
-  return found
+  return [
+    v.aval.shape
+    for eqn in all_eqns(jaxpr)
+    if eqn.primitive.name == "dot_general"
+    for v in eqn.outvars
+    if v.aval.shape in shapes
+  ]
 
 
 def _kernel_shapes(params):
