@@ -287,3 +287,12 @@ def test_two_process_run_trains_checkpoints_and_resumes(runs, tmp_path):
   assert os.path.isdir(work / "checkpoints" / "8") and os.path.isdir(work / "best_adapter")
   assert np.load(work / "best_eval_logits.npy").shape == (9, 3)  # both processes' examples
   assert "step 8: eval accuracy" in logs[0] and "eval accuracy" not in logs[1]
+
+
+def test_bfloat16_compute_trains_and_exports_merged(runs, tmp_path):
+  _, data, _, _, _ = runs
+  work = tmp_path / "w"
+  _run(work, data, "--config.model.compute_dtype=bfloat16", "--config.export_merged=True")
+  losses = [r["loss"] for r in _records(work) if r["split"] == "train" and "loss" in r]
+  assert len(losses) == 8 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+  assert os.path.isdir(work / "merged") and os.path.isdir(work / "best_adapter")
