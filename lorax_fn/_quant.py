@@ -106,11 +106,12 @@ def blockwise(x: np.ndarray, block_size: int, code: np.ndarray) -> tuple[np.ndar
 
 
 def _mean(x: np.ndarray) -> np.float32:
-  """``sum / n`` in float32, like torch's ``mean``, with the sum correctly rounded.
+  """``sum / n`` in float32, like torch's ``mean``, with the sum accumulated in float64.
 
   bitsandbytes takes the offset from torch's float32 ``mean``, whose summation order (and
-  so its last bit, in about a third of cases) depends on the CPU's vector width; the
-  correctly rounded sum does not.
+  so its last bit, in about a third of cases) depends on the CPU's vector width; a float64
+  sum rounded once to float32 does not (it is the correctly rounded sum except in rare
+  double-rounding ties).
   """
   total = np.float32(np.sum(x, dtype=np.float64))
   return np.float32(total / np.float32(x.size))
@@ -171,9 +172,9 @@ class QuantLeaf:
       return self.absmax
     dyn = jnp.asarray(dynamic_code())[self.absmax_codes.astype(jnp.int32)]
     per = jnp.repeat(self.absmax_scale, DQ_BLOCK)[: dyn.shape[0]]
-    # bitsandbytes rounds ``dyn * per`` to float32 and then adds the offset. XLA's CPU and
-    # GPU backends always contract a multiply feeding an add into one fused multiply-add,
-    # which rounds once and moves the last bit of about 1 scale in 20. Multiplying the
+    # bitsandbytes rounds ``dyn * per`` to float32 and then adds the offset. XLA's CPU
+    # backend (measured; GPU backends may too) contracts a multiply feeding an add into one
+    # fused multiply-add, which rounds once and moves the last bit of about 1 scale in 20. Multiplying the
     # rounded product by a 1 the compiler cannot prove is 1 leaves it nothing to contract
     # but ``fma(p, 1, offset)``, which is exactly ``round(p + offset)``.
     one = 1.0 + 0.0 * self.offset
