@@ -174,9 +174,9 @@ class QuantLeaf:
     per = jnp.repeat(self.absmax_scale, DQ_BLOCK)[: dyn.shape[0]]
     # bitsandbytes rounds ``dyn * per`` to float32 and then adds the offset. XLA's CPU
     # backend (measured; GPU backends may too) contracts a multiply feeding an add into one
-    # fused multiply-add, which rounds once and moves the last bit of about 1 scale in 20. Multiplying the
-    # rounded product by a 1 the compiler cannot prove is 1 leaves it nothing to contract
-    # but ``fma(p, 1, offset)``, which is exactly ``round(p + offset)``.
+    # fused multiply-add, which rounds once and moves the last bit of about 1 scale in 20.
+    # Multiplying the rounded product by a 1 the compiler cannot prove is 1 leaves it nothing
+    # to contract but ``fma(p, 1, offset)``, which is exactly ``round(p + offset)``.
     one = 1.0 + 0.0 * self.offset
     return (dyn * per) * one + self.offset
 
