@@ -426,9 +426,9 @@ def place(tree: Any, shardings: Any) -> Any:
   def one(x: Any, s: NamedSharding) -> Any:
     if x is None:
       return None
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return jax.jit(lambda v: v, out_shardings=s)(x)
-    host = np.asarray(x)
+    if isinstance(x, jax.Array) and (not x.is_fully_addressable or jax.process_count() == 1):
+      return jax.device_put(x, s)  # device to device (a reshard for a global array)
+    host = np.asarray(x)  # host values (the same on every process) go shard by shard
     return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
   return jax.tree.map(one, tree, shardings, is_leaf=lambda x: x is None)

@@ -42,6 +42,13 @@ def main() -> None:
   fresh = lora_fn.shard(params, mesh, min_size=1)
   restored = lora_fn.restore_adapter(path, fresh, trainable=("head",))
   restored_trainable, _ = lora_fn.split(restored, trainable=("head",))
+  # Resharding global arrays (split -> replicated) keeps their values.
+  replicated = lora_fn.shard(restored_trainable, mesh, "replicate")
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(replicated))
+  assert all(
+    np.array_equal(a, b)
+    for a, b in zip(flat(replicated).values(), flat(restored_trainable).values())
+  )
   out = {"losses": np.asarray(losses), "process_count": np.asarray(jax.process_count())}
   out |= {f"trained{k}": v for k, v in flat(trainable).items()}
   out |= {f"restored{k}": v for k, v in flat(restored_trainable).items()}

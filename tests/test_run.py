@@ -296,3 +296,13 @@ def test_bfloat16_compute_trains_and_exports_merged(runs, tmp_path):
   losses = [r["loss"] for r in _records(work) if r["split"] == "train" and "loss" in r]
   assert len(losses) == 8 and all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert os.path.isdir(work / "merged") and os.path.isdir(work / "best_adapter")
+
+
+def test_batch_that_does_not_split_over_the_mesh_is_an_error(tmp_path):
+  env = dict(_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  cmd = _command(tmp_path / "w", tmp_path / "none", "--config.mesh=data=4", "--config.batch_size=6")
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode != 0
+  assert "batch_size 6 must divide evenly over the mesh's data x fsdp = 4 batch shards" in (
+    proc.stderr
+  )

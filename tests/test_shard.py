@@ -291,3 +291,25 @@ def test_specs_of_split_halves_match_the_whole():
   assert t_specs["stack"]["kernel"].b == whole["stack"]["kernel"].b
   assert f_specs["stack"]["kernel"].w == whole["stack"]["kernel"].w
   assert jax.tree.structure(t_specs) == jax.tree.structure(trainable)
+
+
+def test_more_mesh_and_rule_errors():
+  with pytest.raises(
+    ValueError, match=r"mesh data=3,fsdp=-1: 1 devices do not divide into the fixed axes \(3\)"
+  ):
+    lora_fn.make_mesh("data=3,fsdp=-1", devices=jax.devices()[:1])
+  with pytest.raises(
+    TypeError,
+    match=r"the spec of rule 'dense/kernel' must be a PartitionSpec, 'fsdp' or None; got: 'zero3'",
+  ):
+    lora_fn.partition_specs(_wrapped(), [("dense/kernel", "zero3")], mesh=MESH)
+  with pytest.raises(ValueError, match=r"params has no arrays to take shardings from"):
+    lora_fn.state_shardings({}, {})
+
+
+def test_shard_reshards_placed_arrays():
+  mesh = lora_fn.make_mesh("fsdp=1", devices=jax.devices()[:1])
+  placed = lora_fn.shard(_wrapped(), mesh, [("dense/kernel", P("fsdp", None))])
+  again = lora_fn.shard(placed, mesh, "replicate")
+  assert again["dense"]["kernel"].w.sharding.spec == P()
+  np.testing.assert_array_equal(again["dense"]["kernel"].a, placed["dense"]["kernel"].a)
