@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _timing import interleaved  # noqa: E402 (benchmarks/ is the script's directory)
 
 import lorax_fn as lora_fn
 
@@ -79,14 +79,12 @@ def main() -> None:
     c = step.lower(params, opt_state, x).compile()
     temp[name] = c.memory_analysis().temp_size_in_bytes
     compiled[name], state[name] = c, (params, opt_state)
-  times = {n: [] for n in variants}
-  for r in range(args.rounds + 1):
-    for name in list(variants) if r % 2 else list(variants)[::-1]:
-      t = time.perf_counter()
-      params, opt_state, _ = jax.block_until_ready(compiled[name](*state[name], x))
-      state[name] = (params, opt_state)
-      if r:
-        times[name].append(time.perf_counter() - t)
+
+  def run(name: str) -> None:
+    params, opt_state, _ = jax.block_until_ready(compiled[name](*state[name], x))
+    state[name] = (params, opt_state)
+
+  times = interleaved(run, list(variants), args.rounds)
   med = {n: statistics.median(v) for n, v in times.items()}
   for n in variants:
     print(f"{n:>9}: temp {temp[n] / 2**20:8.1f} MiB   median step {med[n] * 1e3:7.1f} ms")

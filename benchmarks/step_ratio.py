@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from _timing import interleaved  # noqa: E402 (benchmarks/ is the script's directory)
 
 import lorax_fn as lora_fn
 
@@ -121,18 +121,8 @@ def main() -> None:
   }
   print(lora_fn.summary(lparams).splitlines()[0])
   print(f"devices: {jax.devices()}  batch {args.batch}, 224x224, rank {args.rank}")
-  for name in list(variants):  # compile and warm up
-    t = time.perf_counter()
-    _run(variants, name, img, labels)
-    print(f"compiled {name} in {time.perf_counter() - t:.1f}s")
   names = list(variants)
-  times: dict[str, list[float]] = {n: [] for n in names}
-  for r in range(args.rounds):
-    # Rotate the order each round so no variant always follows the same neighbour.
-    for name in names[r % len(names) :] + names[: r % len(names)]:
-      t = time.perf_counter()
-      _run(variants, name, img, labels)
-      times[name].append(time.perf_counter() - t)
+  times = interleaved(lambda name: _run(variants, name, img, labels), names, args.rounds)
   med = {n: statistics.median(v) for n, v in times.items()}
   for n in names:
     print(f"{n:>5}: median {med[n] * 1e3:8.1f} ms/step  (min {min(times[n]) * 1e3:.1f})")

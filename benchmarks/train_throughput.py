@@ -14,7 +14,6 @@ import functools
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train"))
 import vit  # noqa: E402
+from _timing import interleaved  # noqa: E402 (benchmarks/ is the script's directory)
 
 import lorax_fn as lora_fn  # noqa: E402
 
@@ -71,13 +71,11 @@ def main() -> None:
     "lora": (trainable, lora_tx.init(trainable)),
   }
   steps = {"full": full_step, "lora": lora_step}
-  times: dict[str, list[float]] = {n: [] for n in steps}
-  for r in range(args.rounds + 1):  # round 0 compiles
-    for name in ["full", "lora"] if r % 2 else ["lora", "full"]:
-      t = time.perf_counter()
-      state[name] = jax.block_until_ready(steps[name](*state[name], images, labels))
-      if r:
-        times[name].append(time.perf_counter() - t)
+
+  def run(name: str) -> None:
+    state[name] = jax.block_until_ready(steps[name](*state[name], images, labels))
+
+  times = interleaved(run, list(steps), args.rounds)
   ips = {n: args.batch / statistics.median(v) for n, v in times.items()}
   for n in steps:
     print(f"{n:>4}: {ips[n]:6.2f} images/s  (median step {statistics.median(times[n]):.2f}s)")
