@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import interleaved  # noqa: E402 (benchmarks/ is the script's directory)
+from _timing import interleaved
 
 import lorax_fn as lora_fn
 

@@ -17,14 +17,14 @@ import warnings
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train"))
-import vit  # noqa: E402
+import vit
 
-import lorax_fn as lora_fn  # noqa: E402
+import lorax_fn as lora_fn
 
 
 def per_device(tree) -> dict[int, int]:
@@ -56,7 +56,7 @@ def main() -> None:
   images = jnp.zeros((1, 224, 224, 3))
   base = jax.device_get(jax.jit(model.init)(jax.random.key(0), images))
   layouts = lora_fn.infer_layouts(model.apply, base, images)
-  wrap = lambda b: lora_fn.wrap(  # noqa: E731
+  wrap = lambda b: lora_fn.wrap(
     b, rank=16, alpha=16.0, targets=("query", "value"), layouts=layouts, key=jax.random.key(1)
   )
   print(lora_fn.summary(wrap(base), trainable=("head",)).splitlines()[0])

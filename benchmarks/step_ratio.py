@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from _timing import interleaved  # noqa: E402 (benchmarks/ is the script's directory)
+from _timing import interleaved
 
 import lorax_fn as lora_fn
 

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train"))
-import vit  # noqa: E402
-from _timing import interleaved  # noqa: E402 (benchmarks/ is the script's directory)
+import vit
+from _timing import interleaved
 
-import lorax_fn as lora_fn  # noqa: E402
+import lorax_fn as lora_fn
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import sys
 import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vit_food101  # noqa: E402  (the shared recipe this config specialises)
+import vit_food101
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

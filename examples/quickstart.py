@@ -71,7 +71,7 @@ def main() -> None:
   @jax.jit
   def step(params, opt_state):
     trainable, frozen = lora_fn.split(params)
-    loss_fn = lambda t: jnp.mean((apply(lora_fn.combine(t, frozen), x) - y) ** 2)  # noqa: E731
+    loss_fn = lambda t: jnp.mean((apply(lora_fn.combine(t, frozen), x) - y) ** 2)
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return lora_fn.combine(optax.apply_updates(trainable, updates), frozen), opt_state, loss

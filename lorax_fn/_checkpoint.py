@@ -55,7 +55,7 @@ def adapter_state(
   arrays: dict[str, Any] = {}
   lora: dict[str, Any] = {}
   extra: list[str] = []
-  for (path, leaf), mark in zip(flat, marks):
+  for (path, leaf), mark in zip(flat, marks, strict=True):
     p = _paths.path_str(path)
     if is_lora(leaf):
       arrays[f"{p}/a"], arrays[f"{p}/b"] = leaf.a, leaf.b

@@ -6,9 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.extend.core as jex
 
-from lorax_fn import _paths
+from lorax_fn import _jaxpr, _paths
 from lorax_fn._leaves import Layout, is_lora
 from lorax_fn._quant import is_quant
 from lorax_fn._rules import _reshape_groups
@@ -23,13 +22,6 @@ _PASS = (
   "dynamic_slice",
   "optimization_barrier",
 )
-_CALLS = {
-  "jit": "jaxpr",
-  "pjit": "jaxpr",
-  "closed_call": "call_jaxpr",
-  "custom_jvp_call": "call_jaxpr",
-  "custom_vjp_call": "call_jaxpr",
-}
 
 
 class _Recorder:
@@ -39,7 +31,7 @@ class _Recorder:
 
   def record(self, pid: int, axis_map: AxisMap, roles: list[str]) -> None:
     new: dict[int, str] = {}
-    for axes, role in zip(axis_map, roles):
+    for axes, role in zip(axis_map, roles, strict=True):
       for ax in axes:
         new[ax] = role
     old = self.roles.setdefault(pid, {})
@@ -62,13 +54,13 @@ def _fmt(roles: dict[int, str], ndim: int) -> tuple[str, ...]:
 
 def _walk(jaxpr: Any, tracked: dict[Any, tuple[int, AxisMap]], rec: _Recorder) -> None:
   def get(v: Any) -> tuple[int, AxisMap] | None:
-    return None if isinstance(v, jex.Literal) else tracked.get(v)
+    return None if _jaxpr.is_literal(v) else tracked.get(v)
 
   for eqn in jaxpr.eqns:
     ins = [get(v) for v in eqn.invars]
     if not any(ins):
       continue
-    name, p = eqn.primitive.name, eqn.params
+    name, p = _jaxpr.name(eqn), eqn.params
     first = ins[0]
     if name in _PASS and first:
       tracked[eqn.outvars[0]] = first
@@ -108,29 +100,32 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[int, AxisMap]], rec: _Recorder) -
       rec.record(
         first[0], first[1], ["in" if i in collapsed else "out" for i in range(len(first[1]))]
       )
-    elif name in _CALLS:
-      _walk_sub(p[_CALLS[name]].jaxpr, ins, rec)
-    elif name == "remat2":
-      _walk_sub(p["jaxpr"], ins, rec)
-    elif name == "cond":
-      for br in p["branches"]:
+    elif name in _jaxpr.CALLS or name in _jaxpr.CUSTOM_CALLS:
+      _walk_sub(_jaxpr.call_body(eqn).jaxpr, ins, rec)
+    elif name == _jaxpr.REMAT:
+      _walk_sub(_jaxpr.remat_params(eqn).jaxpr, ins, rec)
+    elif name == _jaxpr.COND:
+      for br in _jaxpr.cond_branches(eqn):
         _walk_sub(br.jaxpr, ins[1:], rec)
-    elif name == "while":
-      n = p["cond_nconsts"]
-      _walk_sub(p["body_jaxpr"].jaxpr, ins[n : n + p["body_nconsts"]], rec)
-    elif name == "scan":
-      nc, ncar = p["num_consts"], p["num_carry"]
+    elif name == _jaxpr.WHILE:
+      w = _jaxpr.while_params(eqn)
+      consts = ins[w.cond_nconsts : w.cond_nconsts + w.body_nconsts]
+      carry = [None] * (len(ins) - w.cond_nconsts - w.body_nconsts)  # a kernel carried along
+      _walk_sub(w.body.jaxpr, [*consts, *carry], rec)
+    elif name == _jaxpr.SCAN:
+      sp = _jaxpr.scan_params(eqn)
+      nc, ncar = sp.num_consts, sp.num_carry
       body_ins = list(ins[:nc]) + [None] * ncar
       for t in ins[nc + ncar :]:
         if t:
           rec.record(t[0], t[1][:1], ["stack"])
           t = (t[0], t[1][1:])
         body_ins.append(t)
-      _walk_sub(p["jaxpr"].jaxpr, body_ins, rec)
+      _walk_sub(sp.body.jaxpr, body_ins, rec)
 
 
 def _walk_sub(jaxpr: Any, ins: list[Any], rec: _Recorder) -> None:
-  _walk(jaxpr, {v: t for v, t in zip(jaxpr.invars, ins) if t}, rec)
+  _walk(jaxpr, {v: t for v, t in zip(jaxpr.invars, ins, strict=True) if t}, rec)
 
 
 def infer_layouts(

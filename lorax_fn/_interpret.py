@@ -10,18 +10,18 @@ body; anything else materialises ``W + s·BA`` and warns once. Only public JAX A
 
 from __future__ import annotations
 
+import collections
 import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lorax_fn import _paths
+from lorax_fn import _jaxpr, _paths
 from lorax_fn._leaves import LoraLeaf, is_lora
 from lorax_fn._quant import QuantLeaf, QuantSlice, is_quant
 from lorax_fn._rules import (
@@ -29,6 +29,7 @@ from lorax_fn._rules import (
   VIEW_RULES,
   LazyBase,
   LoraVal,
+  NoRule,
   dense,
   dot_general_rule,
   first_step_plan,
@@ -67,37 +68,28 @@ def _concrete(x: Any) -> Any:
   return x.materialize() if isinstance(x, LoraVal) else x
 
 
-def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
-  params = eqn.primitive.get_bind_params(eqn.params)
-  subfuns: Sequence[Any] = ()
-  if isinstance(params, tuple):  # older JAX returned (subfuns, params)
-    subfuns, params = params
-  out = eqn.primitive.bind(*subfuns, *invals, **params)
-  return list(out) if eqn.primitive.multiple_results else [out]
-
-
 def eval_jaxpr(ctx: _Ctx, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
   """Evaluates ``jaxpr``; values may be arrays or :class:`LoraVal`."""
   env: dict[Any, Any] = {}
 
   def read(v: Any) -> Any:
-    return v.val if isinstance(v, jex.Literal) else env[v]
+    return v.val if _jaxpr.is_literal(v) else env[v]
 
-  env.update(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
+  env.update(zip(jaxpr.constvars, consts, strict=True))
+  env.update(zip(jaxpr.invars, args, strict=True))
   shared: dict[int, Any] = {}  # eqn index -> x·Aᵀ computed together with a sibling site
   uses = None
   for idx, eqn in enumerate(jaxpr.eqns):
     invals = [read(v) for v in eqn.invars]
     if any(isinstance(x, LoraVal) for x in invals):
-      if eqn.primitive.name == "dot_general" and idx not in shared and ctx.can_share(invals):
+      if _jaxpr.name(eqn) == "dot_general" and idx not in shared and ctx.can_share(invals):
         uses = _dot_uses(jaxpr) if uses is None else uses
         shared.update(_share_first_steps(ctx, jaxpr, idx, invals, env, uses))
       outs = _eval_lora_eqn(ctx, eqn, invals, shared.pop(idx, None))
     else:
-      outs = _bind(eqn, invals)
-    for var, val in zip(eqn.outvars, outs):
-      if not isinstance(var, jex.DropVar):
+      outs = _jaxpr.bind(eqn, invals)
+    for var, val in zip(eqn.outvars, outs, strict=True):
+      if not _jaxpr.is_dropped(var):
         env[var] = val
   return [read(v) for v in jaxpr.outvars]
 
@@ -106,9 +98,9 @@ def _dot_uses(jaxpr: Any) -> dict[Any, list[tuple[int, int]]]:
   """``{var: [(eqn index, operand position)]}`` for every ``dot_general`` operand."""
   uses: dict[Any, list[tuple[int, int]]] = {}
   for idx, eqn in enumerate(jaxpr.eqns):
-    if eqn.primitive.name == "dot_general":
+    if _jaxpr.name(eqn) == "dot_general":
       for pos, v in enumerate(eqn.invars):
-        if not isinstance(v, jex.Literal):
+        if not _jaxpr.is_literal(v):
           uses.setdefault(v, []).append((idx, pos))
   return uses
 
@@ -125,10 +117,10 @@ def _share_first_steps(ctx, jaxpr, idx, invals, env, uses) -> dict[int, Any]:
     if (
       j <= idx
       or pos != plan.x_pos
-      or any(not isinstance(v, jex.Literal) and v not in env for v in eqn.invars)
+      or any(not _jaxpr.is_literal(v) and v not in env for v in eqn.invars)
     ):
       continue
-    vals = [v.val if isinstance(v, jex.Literal) else env[v] for v in eqn.invars]
+    vals = [v.val if _jaxpr.is_literal(v) else env[v] for v in eqn.invars]
     other = first_step_plan(eqn, *vals) if ctx.can_share(vals) else None
     if other is not None and (other.x_dims, other.dtype, other.precision) == (
       plan.x_dims,
@@ -139,11 +131,11 @@ def _share_first_steps(ctx, jaxpr, idx, invals, env, uses) -> dict[int, Any]:
   if len(group) == 1:
     return {}
   results = shared_first_steps(invals[plan.x_pos], [p for _, p in group])
-  return {j: r for (j, _), r in zip(group, results)}
+  return {j: r for (j, _), r in zip(group, results, strict=True)}
 
 
 def _eval_lora_eqn(ctx: _Ctx, eqn: Any, invals: list[Any], first: Any = None) -> list[Any]:
-  name = eqn.primitive.name
+  name = _jaxpr.name(eqn)
   if first is not None:
     return [dot_general_rule(eqn, *invals, ctx.dropout, first)]
   try:
@@ -157,9 +149,9 @@ def _eval_lora_eqn(ctx: _Ctx, eqn: Any, invals: list[Any], first: Any = None) ->
       return [COMPUTE_RULES[name](eqn, *invals, ctx.dropout)]
     elif name in _HIGHER_ORDER:
       return _HIGHER_ORDER[name](ctx, eqn, invals)
-  except NotImplementedError:
+  except NoRule:
     pass
-  return _bind(eqn, [_materialize(x, name) for x in invals])
+  return _jaxpr.bind(eqn, [_materialize(x, name) for x in invals])
 
 
 def _materialize(x: Any, primitive: str) -> Any:
@@ -179,22 +171,18 @@ def _materialize(x: Any, primitive: str) -> Any:
 # ----------------------------------------------------------------------------------------
 
 
-def _inline(param: str) -> Callable[[_Ctx, Any, list[Any]], list[Any]]:
-  def rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
-    closed = eqn.params[param]
-    return eval_jaxpr(ctx, closed.jaxpr, closed.consts, invals)
-
-  return rule
+def _call_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
+  closed = _jaxpr.call_body(eqn)
+  return eval_jaxpr(ctx, closed.jaxpr, closed.consts, invals)
 
 
 def _checkpoint_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
-  jaxpr = eqn.params["jaxpr"]
+  p = _jaxpr.remat_params(eqn)
 
   def body(*args: Any) -> list[Any]:
-    return [_concrete(o) for o in eval_jaxpr(ctx, jaxpr, (), args)]
+    return [_concrete(o) for o in eval_jaxpr(ctx, p.jaxpr, (), args)]
 
-  remat = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
-  return list(remat(*invals))
+  return list(jax.checkpoint(body, prevent_cse=p.prevent_cse, policy=p.policy)(*invals))
 
 
 def _scan_slices(v: LoraVal) -> tuple[tuple[Any, ...], Callable[[tuple[Any, ...]], LoraVal]]:
@@ -237,8 +225,8 @@ def _scan_slices(v: LoraVal) -> tuple[tuple[Any, ...], Callable[[tuple[Any, ...]
 
 
 def _scan_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
-  p = eqn.params
-  nc, ncar, closed = p["num_consts"], p["num_carry"], p["jaxpr"]
+  p = _jaxpr.scan_params(eqn)
+  nc, ncar = p.num_consts, p.num_carry
   consts = invals[:nc]
   init = [_materialize(x, "scan carry") for x in invals[nc : nc + ncar]]
   xs, rebuilds = [], []
@@ -250,18 +238,16 @@ def _scan_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
     else:
       xs.append(x)
       rebuilds.append(None)
-  keys = None if ctx.key is None else jax.random.split(ctx.next_key(), p["length"])
+  keys = None if ctx.key is None else jax.random.split(ctx.next_key(), p.length)
 
   def body(carry: list[Any], x: tuple[list[Any], Any]) -> tuple[list[Any], list[Any]]:
     x_vals, k = x
-    x_vals = [x if r is None else r(x) for x, r in zip(x_vals, rebuilds)]
-    outs = eval_jaxpr(_Ctx(k), closed.jaxpr, closed.consts, [*consts, *carry, *x_vals])
+    x_vals = [x if r is None else r(x) for x, r in zip(x_vals, rebuilds, strict=True)]
+    outs = eval_jaxpr(_Ctx(k), p.body.jaxpr, p.body.consts, [*consts, *carry, *x_vals])
     outs = [_concrete(o) for o in outs]
     return outs[:ncar], outs[ncar:]
 
-  carry, ys = lax.scan(
-    body, init, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
-  )
+  carry, ys = lax.scan(body, init, (xs, keys), length=p.length, reverse=p.reverse, unroll=p.unroll)
   return [*carry, *ys]
 
 
@@ -271,40 +257,37 @@ def _cond_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
   def branch(closed: Any) -> Callable[..., list[Any]]:
     return lambda *args: [_concrete(o) for o in eval_jaxpr(ctx, closed.jaxpr, closed.consts, args)]
 
-  return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops))
+  return list(lax.switch(index, [branch(b) for b in _jaxpr.cond_branches(eqn)], *ops))
 
 
 def _while_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:
-  p = eqn.params
-  cn, bn = p["cond_nconsts"], p["body_nconsts"]
+  p = _jaxpr.while_params(eqn)
+  cn, bn = p.cond_nconsts, p.body_nconsts
   cconsts, bconsts = invals[:cn], invals[cn : cn + bn]
   init = [_materialize(x, "while carry") for x in invals[cn + bn :]]
-  cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
   key = None if ctx.key is None else ctx.next_key()
 
   def cond_fun(c: tuple[list[Any], Any]) -> Any:
-    return eval_jaxpr(ctx, cj.jaxpr, cj.consts, [*cconsts, *c[0]])[0]
+    return eval_jaxpr(ctx, p.cond.jaxpr, p.cond.consts, [*cconsts, *c[0]])[0]
 
   def body_fun(c: tuple[list[Any], Any]) -> tuple[list[Any], Any]:
     carry, i = c
     sub = _Ctx(None if key is None else jax.random.fold_in(key, i))
-    outs = eval_jaxpr(sub, bj.jaxpr, bj.consts, [*bconsts, *carry])
+    outs = eval_jaxpr(sub, p.body.jaxpr, p.body.consts, [*bconsts, *carry])
     return [_concrete(o) for o in outs], i + 1
 
   out, _ = lax.while_loop(cond_fun, body_fun, (init, jnp.zeros((), jnp.int32)))
   return list(out)
 
 
+# custom_jvp_call / custom_vjp_call are not inlined: that would drop the user's derivative
+# rule; the fallback materialises W + s·BA and keeps it.
 _HIGHER_ORDER: dict[str, Callable[[_Ctx, Any, list[Any]], list[Any]]] = {
-  # custom_jvp_call / custom_vjp_call are not inlined: that would drop the user's derivative
-  # rule; the fallback materialises W + s·BA and keeps it.
-  "jit": _inline("jaxpr"),
-  "pjit": _inline("jaxpr"),  # the name before jax 0.7
-  "closed_call": _inline("call_jaxpr"),
-  "remat2": _checkpoint_rule,
-  "scan": _scan_rule,
-  "cond": _cond_rule,
-  "while": _while_rule,
+  **{name: _call_rule for name in _jaxpr.CALLS},
+  _jaxpr.REMAT: _checkpoint_rule,
+  _jaxpr.SCAN: _scan_rule,
+  _jaxpr.COND: _cond_rule,
+  _jaxpr.WHILE: _while_rule,
 }
 
 
@@ -347,6 +330,9 @@ def _check_leaves(args: Any) -> None:
       )
 
 
+_CACHE_SIZE = 64  # traces kept per transformed function, least recently used evicted
+
+
 def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..., Any]:
   """Transforms ``fn`` to run LoRA leaves in its arguments as ``W·x + s·B(A·x)``.
 
@@ -360,28 +346,50 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
   ``vmap``; works with Flax linen (``lora(model.apply)``), NNX (through
   ``nnx.split``/``nnx.merge``) and plain functions.
 
+  The transformed function takes one keyword of its own, ``dropout_key``: a PRNG key for
+  LoRA dropout (the ``dropout`` rate given to :func:`wrap`). Dropout is applied only when
+  it is given, so leave it out at evaluation. Build the transform once and pass a new key
+  each step (``apply(params, x, dropout_key=jax.random.fold_in(key, step))``): the key is
+  data, so a new key never retraces ``fn``.
+
+  ``fn`` is traced once per signature: the tree structure of the arguments, the shapes and
+  dtypes of their arrays, and the values of their other leaves (Python scalars, strings:
+  static, as ``jit``'s static arguments). As with ``jax.jit``, values ``fn`` closes over are
+  read when it is traced and are constants of that trace; a later change to them is not
+  seen, so pass anything that changes as an argument. The last 64 traces are kept, least
+  recently used first out.
+
   Args:
-    fn: the function to transform. Python scalars, strings and other non-array leaves of
-      its arguments are static (closed over, as with ``jit``'s static arguments).
-    key: PRNG key for LoRA dropout. Dropout (the ``dropout`` rate given to ``wrap``) is
-      applied only when a key is given, so leave it out at evaluation.
+    fn: the function to transform.
+    key: deprecated: a dropout key fixed when the transform is built. Pass
+      ``dropout_key=`` to the transformed function instead.
 
   Returns:
-    The transformed function.
+    The transformed function, called as ``fn`` is, plus the optional ``dropout_key``.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
     >>> params = lora_fn.wrap({"w": jnp.ones((5, 7))}, rank=2, targets=("w",),
-    ...                       key=jax.random.key(0))
+    ...                       key=jax.random.key(0), dropout=0.1)
     >>> f = lambda p, x: x @ p["w"]
-    >>> y = lora_fn.lora(f)(params, jnp.ones((3, 5)))
+    >>> apply = lora_fn.lora(f)
+    >>> y = apply(params, jnp.ones((3, 5)))  # evaluation: no dropout
     >>> bool(jnp.allclose(y, f(lora_fn.merge(params), jnp.ones((3, 5)))))
     True
+    >>> y = apply(params, jnp.ones((3, 5)), dropout_key=jax.random.key(1))  # training
   """
-  cache: dict[Any, Any] = {}
+  if key is not None:
+    warnings.warn(
+      "lorax_fn.lora(fn, key=k) is deprecated: it fixes the dropout key when the transform "
+      "is built. Build it once and pass dropout_key=k to the transformed function.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+  cache: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+  built_key = key
 
   @functools.wraps(fn)
-  def wrapped(*args: Any, **kwargs: Any) -> Any:
+  def wrapped(*args: Any, dropout_key: jax.Array | None = None, **kwargs: Any) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=_is_node)
     if not any(_is_node(x) for x in leaves):
       return fn(*args, **kwargs)
@@ -390,26 +398,29 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
     stand_ins = [_stand_in(leaves[i]) for i in dyn]
     closed, out_tree = _trace(fn, cache, leaves, treedef, dyn, stand_ins)
     vals = [_bind_value(x) for x in (leaves[i] for i in dyn)]
-    outs = eval_jaxpr(_Ctx(key), closed.jaxpr, closed.consts, vals)
+    ctx = _Ctx(built_key if dropout_key is None else dropout_key)
+    outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, vals)
     return jax.tree_util.tree_unflatten(out_tree, [_concrete(o) for o in outs])
 
   return wrapped
 
 
 def _trace(fn, cache, leaves, treedef, dyn, stand_ins):
-  statics = tuple(x for i, x in enumerate(leaves) if i not in set(dyn))
+  dyn_set = set(dyn)
+  statics = tuple(x for i, x in enumerate(leaves) if i not in dyn_set)
   try:
     cache_key = (treedef, statics, tuple(stand_ins))
     hash(cache_key)
-  except TypeError:
+  except TypeError:  # an unhashable static leaf: trace every call
     cache_key = None
   if cache_key is not None and cache_key in cache:
+    cache.move_to_end(cache_key)
     return cache[cache_key]
   out_tree = []
 
   def flat_fn(*dyn_vals: Any) -> list[Any]:
     full = list(leaves)
-    for i, v in zip(dyn, dyn_vals):
+    for i, v in zip(dyn, dyn_vals, strict=True):
       full[i] = v
     a, kw = jax.tree_util.tree_unflatten(treedef, full)
     flat_out, tree = jax.tree_util.tree_flatten(fn(*a, **kw))
@@ -419,15 +430,17 @@ def _trace(fn, cache, leaves, treedef, dyn, stand_ins):
   try:
     closed = jax.make_jaxpr(flat_fn)(*stand_ins)
   except Exception as e:
-    shapes = {str(i): s.shape for i, s in zip(dyn, stand_ins) if is_lora(leaves[i])}
+    shapes = {str(i): s.shape for i, s in zip(dyn, stand_ins, strict=True) if is_lora(leaves[i])}
     e.add_note(
       f"lorax_fn.lora traced fn with LoRA leaves standing in for base weights of "
       f"shapes {sorted(shapes.values())}; check that they match the model."
     )
     raise
   result = (closed, out_tree[0])
-  if cache_key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
-    if len(cache) > 32:
-      cache.clear()
+  # Consts that are tracers belong to an enclosing trace (fn closes over a traced value):
+  # such a jaxpr is valid inside that trace only.
+  if cache_key is not None and not any(_jaxpr.is_tracer(c) for c in closed.consts):
     cache[cache_key] = result
+    if len(cache) > _CACHE_SIZE:
+      cache.popitem(last=False)
   return result

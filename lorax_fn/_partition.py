@@ -44,10 +44,10 @@ def trainable_mask(
     raise ValueError(f"bias must be one of {_BIAS_MODES}; got: {bias!r}")
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
   paths = [_paths.path_str(p) for p, _ in flat]
-  lora_modules = {p.rsplit("/", 1)[0] for p, (_, x) in zip(paths, flat) if is_lora(x)}
+  lora_modules = {p.rsplit("/", 1)[0] for p, (_, x) in zip(paths, flat, strict=True) if is_lora(x)}
   match = _extra_matcher(trainable)
   marks, selected = [], False
-  for path, (_, x) in zip(paths, flat):
+  for path, (_, x) in zip(paths, flat, strict=True):
     if is_lora(x):
       marks.append(dataclasses.replace(x, w=False, a=True, b=True))
       continue

@@ -68,6 +68,53 @@ def lookup_pattern(patterns: Mapping[str, Any] | None, path: str) -> Any:
   return None
 
 
+def check_patterns(
+  what: str,
+  patterns: Mapping[str, Any] | None,
+  paths: Sequence[str],
+  candidates: Sequence[str],
+  among: str = "parameter",
+) -> dict[str, Any]:
+  """Validates ``{pattern: value}`` keys: each must be a regex matching one of ``candidates``.
+
+  A key that names a path of a larger tree holding this one (``"params/dense/kernel"``
+  from ``infer_layouts(model.apply, {"params": p}, x)``, for a tree ``p`` with
+  ``"dense/kernel"``) is re-keyed to the path it names. ``candidates`` are the paths a key
+  may apply to (the targets, for ``rank_pattern``; ``among`` names them in the message);
+  ``paths`` are all paths.
+
+  Returns:
+    The patterns, re-keyed where needed, in their original order.
+
+  Raises:
+    TypeError: if ``patterns`` is not a mapping with string keys.
+    ValueError: if a key is not a valid regex or matches none of ``candidates``.
+  """
+  if patterns is None:
+    return {}
+  if not isinstance(patterns, Mapping) or not all(isinstance(k, str) for k in patterns):
+    raise TypeError(
+      f"{what} must be a mapping from path patterns (str) to values; got: {patterns!r}"
+    )
+  out: dict[str, Any] = {}
+  known = set(paths)
+  for key, value in patterns.items():
+    try:
+      re.compile(key)
+    except re.error as e:
+      raise ValueError(f"{what} key {key!r} is not a valid regular expression: {e}") from e
+    parts = key.split("/")
+    if key not in known and not any(matches_pattern(key, p) for p in paths):
+      tails = ("/".join(parts[i:]) for i in range(1, len(parts)))
+      key = next((t for t in tails if t in known), key)
+    if not any(key == p or matches_pattern(key, p) for p in candidates):
+      raise ValueError(
+        f"{what} key {key!r} matches no {among}; nearest: {nearest_paths(key, list(candidates))}"
+      )
+    out[key] = value
+  return out
+
+
 def make_matcher(
   targets: Targets, kernel_names: Sequence[str] = KERNEL_NAMES
 ) -> Callable[[str, Any], bool]:
@@ -82,7 +129,10 @@ def make_matcher(
   if callable(targets):
     return lambda path, leaf: bool(targets(path, leaf))
   if isinstance(targets, (str, re.Pattern)):
-    regex = re.compile(targets) if isinstance(targets, str) else targets
+    try:
+      regex = re.compile(targets) if isinstance(targets, str) else targets
+    except re.error as e:
+      raise ValueError(f"targets {targets!r} is not a valid regular expression: {e}") from e
 
     def match_regex(path: str, leaf: Any) -> bool:
       del leaf
@@ -100,15 +150,50 @@ def make_matcher(
   if not targets:
     raise ValueError("targets must not be empty; got: ()")
   names = frozenset(targets)
+  return lambda path, leaf: any(name_matches(n, path, kernel_names) for n in names)
 
-  def match_names(path: str, leaf: Any) -> bool:
-    del leaf
-    parts = path.split("/")
-    if parts[-1] in names:
-      return True
-    return parts[-1] in kernel_names and any(p in names for p in parts[:-1])
 
-  return match_names
+def name_matches(name: str, path: str, kernel_names: Sequence[str] = KERNEL_NAMES) -> bool:
+  """A target name selects a leaf it names, or a kernel under a module it names."""
+  parts = path.split("/")
+  return parts[-1] == name or (parts[-1] in kernel_names and name in parts[:-1])
+
+
+def select(
+  targets: Targets,
+  paths: Sequence[str],
+  leaves: Sequence[Any],
+  kernel_names: Sequence[str] = KERNEL_NAMES,
+) -> list[int]:
+  """Indices of the leaves ``targets`` selects; every name given must select something.
+
+  Raises:
+    ValueError: if nothing is selected, one of several names selects nothing (a typo
+      beside a correct name), or a regex is invalid.
+    TypeError: if ``targets`` has the wrong type.
+  """
+  match = make_matcher(targets, kernel_names)
+  hits = [i for i, (p, x) in enumerate(zip(paths, leaves, strict=True)) if match(p, x)]
+  kernels = [p for p, x in zip(paths, leaves, strict=True) if p.rsplit("/", 1)[-1] in kernel_names]
+  kernels = kernels or [p for p, x in zip(paths, leaves, strict=True) if getattr(x, "ndim", 0) >= 2]
+  if not hits:
+    names = [targets] if isinstance(targets, str) else targets
+    near: list[str] = []
+    if isinstance(names, Sequence):
+      for t in names:
+        near += [p for p in nearest_paths(str(t), kernels) if p not in near]
+    raise ValueError(
+      f"targets {targets!r} matched no parameter; nearest available paths: "
+      f"{near[:8] or list(kernels[:8])}"
+    )
+  if isinstance(targets, Sequence) and not isinstance(targets, str):
+    for name in targets:
+      if not any(name_matches(name, paths[i], kernel_names) for i in hits):
+        raise ValueError(
+          f"targets name {name!r} matched no parameter (every name must select at least one "
+          f"kernel); nearest available paths: {nearest_paths(name, kernels)}"
+        )
+  return hits
 
 
 def nearest_paths(target: str, paths: Sequence[str], n: int = 5) -> list[str]:

@@ -357,16 +357,10 @@ def quantize(
     raise ValueError(f"kind must be one of {KINDS}; got: {kind!r}")
   if not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1):
     raise ValueError(f"block_size must be a positive power of two; got: {block_size!r}")
-  match = _paths.make_matcher(targets)
-  is_node = lambda x: is_lora(x) or is_quant(x)  # noqa: E731
+  is_node = lambda x: is_lora(x) or is_quant(x)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
   paths = [_paths.path_str(p) for p, _ in flat]
-  hits = [i for i, (path, (_, x)) in enumerate(zip(paths, flat)) if match(path, x)]
-  if not hits:
-    near = _paths.nearest_paths(
-      str(targets), [p for p, (_, x) in zip(paths, flat) if getattr(x, "ndim", 0) >= 2]
-    )
-    raise ValueError(f"targets {targets!r} matched no parameter; nearest available paths: {near}")
+  hits = _paths.select(targets, paths, [x for _, x in flat])
   out = [x for _, x in flat]
   for i in hits:
     path, leaf = paths[i], out[i]

@@ -17,9 +17,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lorax_fn import _jaxpr
 from lorax_fn._leaves import LoraLeaf, factor_axes, merge_dense
 
 Labels = tuple[Any, ...]
+
+
+class NoRule(Exception):
+  """Raised by a rule that cannot keep this use of a LoRA value factored.
+
+  The interpreter catches exactly this (never JAX's own errors) and materialises
+  ``W + s·BA`` for that one operation.
+  """
 
 
 class LazyBase:
@@ -241,24 +250,24 @@ def arrange(x: jax.Array, xl: Sequence[Any], order: Sequence[Any]) -> jax.Array:
 
 
 def _bind(eqn: Any, *args: Any) -> Any:
-  return eqn.primitive.bind(*args, **eqn.params)
+  return _jaxpr.rebind(eqn, *args)
 
 
 def _view(eqn: Any, w: Any) -> Any:
-  return view_w(w, lambda w: _bind(eqn, w), eqn.primitive.name == "convert_element_type")
+  return view_w(w, lambda w: _bind(eqn, w), _jaxpr.name(eqn) == "convert_element_type")
 
 
 def view_convert(eqn: Any, v: LoraVal) -> LoraVal:
   dtype = eqn.params["new_dtype"]
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise NotImplementedError
+    raise NoRule
   return dataclasses.replace(v, w=_view(eqn, v.w), a=v.a.astype(dtype), b=v.b.astype(dtype))
 
 
 def view_transpose(eqn: Any, v: LoraVal) -> LoraVal:
   perm = eqn.params["permutation"]
   new_of_old = {old: new for new, old in enumerate(perm)}
-  relabel = lambda axes: tuple(None if i is None else new_of_old[i] for i in axes)  # noqa: E731
+  relabel = lambda axes: tuple(None if i is None else new_of_old[i] for i in axes)
   return dataclasses.replace(
     v, w=_view(eqn, v.w), a_axes=relabel(v.a_axes), b_axes=relabel(v.b_axes)
   )
@@ -296,7 +305,7 @@ def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[i
 
 
 def _reshape_factor(f, axes, groups, new_shape):
-  """Applies the grouped reshape to one factor, or raises NotImplementedError."""
+  """Applies the grouped reshape to one factor, or raises :class:`NoRule`."""
   group_of = {o: (gi, gj) for gi, gj in groups for o in gi}
   out_axes: list[int | None] = []
   out_shape: list[int] = []
@@ -309,7 +318,7 @@ def _reshape_factor(f, axes, groups, new_shape):
       continue
     gi, gj = group_of[axes[k]]
     if list(axes[k : k + len(gi)]) != gi:
-      raise NotImplementedError  # the run mixes roles or is out of order in this factor
+      raise NoRule  # the run mixes roles or is out of order in this factor
     out_axes += gj
     out_shape += [new_shape[j] for j in gj]
     k += len(gi)
@@ -328,7 +337,7 @@ def _reshape_view(v: LoraVal, new_shape: Sequence[int], w: jax.Array) -> LoraVal
 
 def view_reshape(eqn: Any, v: LoraVal) -> LoraVal:
   if eqn.params.get("dimensions") is not None:
-    raise NotImplementedError
+    raise NoRule
   return _reshape_view(v, tuple(eqn.params["new_sizes"]), _view(eqn, v.w))
 
 
@@ -345,7 +354,7 @@ def view_expand(eqn: Any, v: LoraVal) -> LoraVal:
     or any(shape[j] != 1 for j in range(len(shape)) if j not in bdims)
     or any(shape[bdims[i]] != d for i, d in enumerate(v.shape))
   ):
-    raise NotImplementedError  # a real broadcast of the kernel
+    raise NoRule  # a real broadcast of the kernel
   return _reshape_view(v, shape, _view(eqn, v.w))
 
 
@@ -366,7 +375,7 @@ def view_slice(eqn: Any, v: LoraVal) -> LoraVal:
     if start[ax] == 0 and limit[ax] == v.shape[ax] and (strides is None or strides[ax] == 1):
       continue
     step = 1 if strides is None else strides[ax]
-    cut = lambda f, i, ax=ax, step=step: lax.slice_in_dim(f, start[ax], limit[ax], step, i)  # noqa: E731
+    cut = lambda f, i, ax=ax, step=step: lax.slice_in_dim(f, start[ax], limit[ax], step, i)
     a, b = _slice_factor(a, v.a_axes, ax, cut), _slice_factor(b, v.b_axes, ax, cut)
   return dataclasses.replace(v, w=_view(eqn, v.w), a=a, b=b)
 
@@ -377,10 +386,10 @@ def view_dynamic_slice(eqn: Any, v: LoraVal, *starts: Any) -> LoraVal:
   for ax in range(v.ndim):
     if sizes[ax] == v.shape[ax]:
       continue
-    cut = lambda f, i, ax=ax: lax.dynamic_slice_in_dim(f, starts[ax], sizes[ax], i)  # noqa: E731
+    cut = lambda f, i, ax=ax: lax.dynamic_slice_in_dim(f, starts[ax], sizes[ax], i)
     a, b = _slice_factor(a, v.a_axes, ax, cut), _slice_factor(b, v.b_axes, ax, cut)
   w = dense(v.w)  # traced start indices: decode here rather than inside a view closure
-  return dataclasses.replace(v, w=eqn.primitive.bind(w, *starts, **eqn.params), a=a, b=b)
+  return dataclasses.replace(v, w=_jaxpr.rebind(eqn, w, *starts), a=a, b=b)
 
 
 VIEW_RULES: dict[str, Callable[..., LoraVal]] = {
@@ -470,7 +479,7 @@ def dot_general_rule(
   contracted = set(wc)
   first_a = contracted <= set(a_lab)
   if not first_a and not contracted <= set(b_lab):
-    raise NotImplementedError  # contracts "in" and "out" axes together
+    raise NoRule  # contracts "in" and "out" axes together
   if w_is_lhs:
     base = base_call(v.w, lambda w, x: _bind(eqn, w, x), x)
   else:
@@ -480,7 +489,7 @@ def dot_general_rule(
     if base is None:
       base = base_call(v.w, lambda w, x: _bind(eqn, x, w), x)
   # Label x's axes: contracted and batch axes take the kernel's labels.
-  partner = dict(zip(xc, wc)) | dict(zip(xb, wb))
+  partner = dict(zip(xc, wc, strict=True)) | dict(zip(xb, wb, strict=True))
   x_lab = tuple(partner.get(i, ("x", i)) for i in range(x.ndim))
   x_free = [l for i, l in enumerate(x_lab) if i not in partner]
   w_free = [i for i in range(v.ndim) if i not in contracted and i not in set(wb)]
@@ -501,23 +510,21 @@ def dot_general_rule(
 def conv_rule(eqn: Any, lhs: Any, rhs: Any, dropout: Dropout) -> jax.Array:
   """Base conv plus an ``r``-filter conv with A followed by a 1x1 conv with B (as PEFT)."""
   if isinstance(lhs, LoraVal) or not isinstance(rhs, LoraVal):
-    raise NotImplementedError
+    raise NoRule
   p = eqn.params
   if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-    raise NotImplementedError
+    raise NoRule
   dn = p["dimension_numbers"]
   v, x = rhs, lhs
   out_feat = dn.rhs_spec[0]
   a_lab, b_lab = v.labels()
   if set(b_lab) != {"r", out_feat} or set(a_lab) != set(range(v.ndim)) - {out_feat} | {"r"}:
-    raise NotImplementedError
+    raise NoRule
   base = base_call(v.w, lambda w, x: _bind(eqn, x, w), x)
   dtype = _compute_dtype(x, v)
   order = ["r" if i == out_feat else i for i in range(v.ndim)]
   a_kernel = arrange(v.a.astype(dtype), a_lab, order)
-  t = eqn.primitive.bind(
-    dropout(x, v.dropout).astype(dtype), a_kernel, **(p | {"preferred_element_type": None})
-  )
+  t = _jaxpr.rebind(eqn, dropout(x, v.dropout).astype(dtype), a_kernel, preferred_element_type=None)
   t = t if v.scale == 1.0 else t * jnp.asarray(v.scale, t.dtype)
   feat = dn.out_spec[1]
   t_lab = tuple("r" if i == feat else ("t", i) for i in range(t.ndim))
@@ -530,7 +537,7 @@ def gather_rule(eqn: Any, operand: Any, indices: Any, dropout: Dropout) -> jax.A
   """Embedding lookup: base rows plus the gathered rows of A times B."""
   del dropout  # as in PEFT, embedding LoRA has no dropout
   if not isinstance(operand, LoraVal) or isinstance(indices, LoraVal):
-    raise NotImplementedError
+    raise NoRule
   v, p = operand, eqn.params
   dn = p["dimension_numbers"]
   a_lab, b_lab = v.labels()
@@ -541,7 +548,7 @@ def gather_rule(eqn: Any, operand: Any, indices: Any, dropout: Dropout) -> jax.A
     or set(a_lab) - {"r"} != set(dn.collapsed_slice_dims)
     or p["slice_sizes"][outs[0]] != v.shape[outs[0]]
   ):
-    raise NotImplementedError
+    raise NoRule
   out_ax = outs[0]
   base = base_call(v.w, lambda w, i: _bind(eqn, w, i), indices)
   order = ["r" if i == out_ax else i for i in range(v.ndim)]
@@ -549,7 +556,7 @@ def gather_rule(eqn: Any, operand: Any, indices: Any, dropout: Dropout) -> jax.A
   sizes = tuple(
     v.a.shape[a_lab.index("r")] if i == out_ax else s for i, s in enumerate(p["slice_sizes"])
   )
-  rows = eqn.primitive.bind(a_table, indices, **(p | {"slice_sizes": sizes}))
+  rows = _jaxpr.rebind(eqn, a_table, indices, slice_sizes=sizes)
   (off,) = dn.offset_dims
   r_lab = tuple("r" if i == off else ("g", i) for i in range(rows.ndim))
   out_lab = tuple(out_ax if i == off else ("g", i) for i in range(rows.ndim))

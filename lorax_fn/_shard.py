@@ -149,7 +149,7 @@ def _check_spec(path: str, spec: PartitionSpec, shape: tuple[int, ...], mesh: Me
     raise ValueError(
       f"the partition spec for {path!r} has {len(spec)} entries; the leaf has shape {shape}"
     )
-  for dim, entry in zip(shape, spec):
+  for dim, entry in zip(shape[: len(spec)], spec, strict=True):
     names = _mesh_axes(entry)
     for name in names:
       if name not in mesh.shape:
@@ -169,8 +169,8 @@ def _shape(x: Any) -> tuple[int, ...]:
   """The base's shape; for the trainable half of ``split`` (no ``w``), read off ``a`` and ``b``."""
   if is_lora(x) and x.w is None:
     shape = [0] * len(x.roles)
-    for f, axes in zip((x.a, x.b), factor_axes(x.roles)):
-      for i, n in zip(axes, np.shape(f)):
+    for f, axes in zip((x.a, x.b), factor_axes(x.roles), strict=True):
+      for i, n in zip(axes, np.shape(f), strict=True):
         if i is not None:
           shape[i] = n
     return tuple(shape)
@@ -278,7 +278,7 @@ def partition_specs(
     >>> specs["w"].w, specs["w"].a, specs["w"].b, specs["bias"]
     (P('fsdp', 'model'), P(None, 'fsdp'), P(None, 'model'), P())
   """
-  is_node = lambda x: is_lora(x) or is_quant(x)  # noqa: E731
+  is_node = lambda x: is_lora(x) or is_quant(x)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
   paths = [_paths.path_str(p) for p, _ in flat]
   leaves = [x for _, x in flat]
@@ -292,12 +292,12 @@ def partition_specs(
       )
     base = [
       _fsdp_spec(p, s, mesh, min_size, leftovers) if rules == "fsdp" else P()
-      for p, s in zip(paths, shapes)
+      for p, s in zip(paths, shapes, strict=True)
     ]
     strict = [False] * len(leaves)
   elif _is_rules(rules):
     base, used = [], [False] * len(rules)
-    for p, s in zip(paths, shapes):
+    for p, s in zip(paths, shapes, strict=True):
       j = next((j for j, (pattern, _) in enumerate(rules) if re.fullmatch(pattern, p)), None)
       spec = None if j is None else rules[j][1]
       if j is not None:
@@ -329,7 +329,7 @@ def partition_specs(
       )
     base = [P() if s is None else s for s in spec_leaves]
   out = []
-  for p, leaf, shape, spec, exact in zip(paths, leaves, shapes, base, strict):
+  for p, leaf, shape, spec, exact in zip(paths, leaves, shapes, base, strict, strict=True):
     _check_spec(p, spec, shape, mesh)
     if leaf is None:
       out.append(None)

@@ -61,7 +61,9 @@ def summary(params: Any, *, trainable: _paths.Targets | None = None, bias: str =
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   right = (False, False, False, True, True, True)
   table = [
-    "  ".join(c.rjust(w) if rj else c.ljust(w) for c, w, rj in zip(r, widths, right)).rstrip()
+    "  ".join(
+      c.rjust(w) if rj else c.ljust(w) for c, w, rj in zip(r, widths, right, strict=True)
+    ).rstrip()
     for r in rows
   ]
   return "\n".join([line, *table])

@@ -83,7 +83,7 @@ def _init_factors(
   key: jax.Array, path: str, leaf: jax.Array, layout: Layout, rank: int, init: str, dtype: Any
 ) -> tuple[jax.Array, jax.Array]:
   a_shape, b_shape = factor_shapes(leaf.shape, layout, rank)
-  fan_in = math.prod(d for d, r in zip(leaf.shape, layout) if r == "in")
+  fan_in = math.prod(d for d, r in zip(leaf.shape, layout, strict=True) if r == "in")
   if path.split("/")[-1] == "embedding":
     # PEFT's embedding LoRA is the other way round: A = 0, B ~ N(0, 1).
     return jnp.zeros(a_shape, dtype), jax.random.normal(key, b_shape, dtype)
@@ -134,19 +134,23 @@ def wrap(
     dtype: dtype of A and B; default float32 for 16-bit bases, else the base dtype.
     rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
     dropout: dropout rate on the input of the low-rank path (see :func:`lora`).
-    rank_pattern: ``{pattern: rank}``; the first key that matches a path wins.
-    alpha_pattern: ``{pattern: alpha}``; the first key that matches a path wins.
+    rank_pattern: ``{pattern: rank}``; the first key that matches a path wins (as in
+      PEFT). Every key must match a targeted parameter.
+    alpha_pattern: ``{pattern: alpha}``, likewise.
     layouts: ``{pattern: roles}`` with a role in ``("in", "out", "stack")`` per kernel
-      axis, overriding :func:`default_layout`; :func:`infer_layouts` returns one.
+      axis, overriding :func:`default_layout`; :func:`infer_layouts` returns one. Every key
+      must match a parameter; keys that are paths of a tree holding ``params`` (the
+      ``"params/..."`` keys of ``infer_layouts(model.apply, {"params": params}, x)``) are
+      matched by the path they name within ``params``.
     kernel_names: leaf names that target names may select.
 
   Returns:
     A new pytree of the same structure with :class:`LoraLeaf` nodes at the targets.
 
   Raises:
-    ValueError: if a target matches nothing, a rank or option is invalid, a layout is
-      ambiguous, or a leaf is already wrapped.
-    TypeError: if a targeted leaf is not a float array.
+    ValueError: if a target name, a regex or a pattern key matches nothing, a rank, alpha or
+      option is invalid, a layout is ambiguous, or a leaf is already wrapped.
+    TypeError: if a targeted leaf is not a float array, or an option has the wrong type.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -157,17 +161,33 @@ def wrap(
   """
   if init not in _INITS:
     raise ValueError(f"init must be one of {_INITS}; got: {init!r}")
-  if not 0.0 <= dropout < 1.0:
+  if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
     raise ValueError(f"dropout must be in [0, 1); got: {dropout!r}")
-  match = _paths.make_matcher(targets, kernel_names)
+  _check_rank("rank", rank)
+  _check_alpha("alpha", alpha)
+  if not isinstance(rslora, bool):
+    raise TypeError(f"rslora must be a bool; got: {rslora!r}")
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"dtype of the factors must be a float dtype; got: {dtype!r}")
   flat, treedef = _flatten(params)
-  selected = [i for i, (path, leaf) in enumerate(flat) if match(path, leaf)]
-  if not selected:
-    kernels = [p for p, x in flat if p.rsplit("/", 1)[-1] in kernel_names or is_lora(x)]
-    _raise_no_match(targets, kernels or [p for p, x in flat if getattr(x, "ndim", 0) >= 2])
+  paths = [p for p, _ in flat]
+  selected = _paths.select(targets, paths, [x for _, x in flat], kernel_names)
+  targeted = [paths[i] for i in selected]
+  matrices = [p for p, x in flat if np.ndim(x.w if is_lora(x) else x) >= 2 or is_quant(x)]
+  layouts = _paths.check_patterns("layouts", layouts, paths, matrices, "parameter of 2+ axes")
+  rank_pattern = _paths.check_patterns(
+    "rank_pattern", rank_pattern, paths, targeted, "targeted parameter"
+  )
+  alpha_pattern = _paths.check_patterns(
+    "alpha_pattern", alpha_pattern, paths, targeted, "targeted parameter"
+  )
+  for k, v in rank_pattern.items():
+    _check_rank(f"rank_pattern[{k!r}]", v)
+  for k, v in alpha_pattern.items():
+    _check_alpha(f"alpha_pattern[{k!r}]", v)
   keys = jax.random.split(key, len(selected))
   out = [leaf for _, leaf in flat]
-  for k, i in zip(keys, selected):
+  for k, i in zip(keys, selected, strict=True):
     path, leaf = flat[i]
     out[i] = _wrap_leaf(
       k,
@@ -184,19 +204,23 @@ def wrap(
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _check_rank(what: str, rank: Any) -> None:
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
+    raise ValueError(f"{what} must be a positive int; got: {rank!r}")
+
+
+def _check_alpha(what: str, alpha: Any) -> None:
+  if alpha is None:
+    return
+  ok = isinstance(alpha, (int, float, np.number)) and not isinstance(alpha, bool)
+  if not ok or not math.isfinite(alpha) or alpha <= 0:
+    raise ValueError(
+      f"{what} must be a positive finite number (or None: alpha = rank); got: {alpha!r}"
+    )
+
+
 def _or(value: Any, default: Any) -> Any:
   return default if value is None else value
-
-
-def _raise_no_match(targets: Any, paths: list[str]) -> None:
-  names = [targets] if isinstance(targets, str) else targets
-  near: list[str] = []
-  if isinstance(names, Sequence):
-    for t in names:
-      near += [p for p in _paths.nearest_paths(str(t), paths) if p not in near]
-  raise ValueError(
-    f"targets {targets!r} matched no parameter; nearest available paths: {near[:8] or paths[:8]}"
-  )
 
 
 def _wrap_leaf(
@@ -223,10 +247,8 @@ def _wrap_leaf(
     )
   layout = default_layout(path, leaf.shape) if layout is None else layout
   layout = _check_layout(path, leaf.shape, layout)
-  if not isinstance(rank, (int, np.integer)) or rank <= 0:
-    raise ValueError(f"rank for {path!r} must be a positive int; got: {rank!r}")
-  n_in = math.prod(d for d, r in zip(leaf.shape, layout) if r == "in")
-  n_out = math.prod(d for d, r in zip(leaf.shape, layout) if r == "out")
+  n_in = math.prod(d for d, r in zip(leaf.shape, layout, strict=True) if r == "in")
+  n_out = math.prod(d for d, r in zip(leaf.shape, layout, strict=True) if r == "out")
   if rank > min(n_in, n_out):
     raise ValueError(
       f"rank for {path!r} must be at most min(in, out) = min({n_in}, {n_out}) for a kernel "

@@ -47,7 +47,7 @@ def main() -> None:
   assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(replicated))
   assert all(
     np.array_equal(a, b)
-    for a, b in zip(flat(replicated).values(), flat(restored_trainable).values())
+    for a, b in zip(flat(replicated).values(), flat(restored_trainable).values(), strict=True)
   )
   out = {"losses": np.asarray(losses), "process_count": np.asarray(jax.process_count())}
   out |= {f"trained{k}": v for k, v in flat(trainable).items()}

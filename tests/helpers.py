@@ -56,7 +56,7 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=0.0):
   flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
   flat_e = jax.tree.leaves(expected)
   assert len(flat_a) == len(flat_e)
-  for (path, a), e in zip(flat_a, flat_e):
+  for (path, a), e in zip(flat_a, flat_e, strict=True):
     a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
     assert a.shape == e.shape, (jax.tree_util.keystr(path), a.shape, e.shape)
     err = np.abs(a - e).max() if a.size else 0.0
@@ -68,7 +68,7 @@ def assert_trees_equal(actual, expected):
   flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
   flat_e = jax.tree.leaves(expected)
   assert len(flat_a) == len(flat_e)
-  for (path, a), e in zip(flat_a, flat_e):
+  for (path, a), e in zip(flat_a, flat_e, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=jax.tree_util.keystr(path))
 
 

@@ -58,7 +58,7 @@ def train(model, x, y, params, mesh, steps: int, rules: Any = "fsdp"):
   opt_state = jax.jit(tx.init, out_shardings=state_shardings)(trainable)
   batch_sharding = lora_fn.batch_sharding(mesh)
   xs, ys = (_global(a, batch_sharding) for a in (x, y))
-  shardings = lambda t: jax.tree.map(lambda a: a.sharding, t)  # noqa: E731
+  shardings = lambda t: jax.tree.map(lambda a: a.sharding, t)
   apply = lora_fn.lora(model.apply)
 
   def step(trainable, opt_state, frozen, x, y):

@@ -13,7 +13,7 @@ from PIL import Image
 sys.path.insert(
   0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train")
 )
-import data as data_lib  # noqa: E402
+import data as data_lib
 
 HUB_ORDER = ["cheesecake", "cheese_plate", "apple_pie"]  # a ClassLabel order, not sorted
 

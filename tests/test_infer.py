@@ -4,8 +4,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import assert_trees_close, randomize
 
 import lorax_fn as lora_fn
+
+K = jax.random.key
 
 
 class _Model(nn.Module):
@@ -56,3 +59,49 @@ def test_broadcast_kernel_is_followed():
 
   layouts = lora_fn.infer_layouts(fn, {"w": jnp.ones((5, 7))}, jnp.ones((2, 3, 5)))
   assert layouts == {"w": ("in", "out")}
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    h = h + nn.MultiHeadDotProductAttention(num_heads=2)(h)
+    return h + nn.Dense(6)(nn.gelu(nn.Dense(10)(h))), None
+
+
+class _Scanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    blocks = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return blocks(name="ScanBlock_0")(nn.Dense(6)(x), None)[0]
+
+
+def test_layouts_of_a_variables_dict_wrap_its_params():
+  # The way every Flax user calls apply: infer on {"params": p}, wrap p itself.
+  model, x = _Scanned(), jax.random.normal(jax.random.key(1), (2, 5, 4))
+  p = model.init(jax.random.key(0), x)["params"]
+  layouts = lora_fn.infer_layouts(model.apply, {"params": p}, x)
+  assert layouts["params/ScanBlock_0/Dense_0/kernel"] == ("stack", "in", "out")
+  wrapped = lora_fn.wrap(p, rank=2, targets=("Dense_0", "query"), layouts=layouts, key=K(2))
+  block = wrapped["ScanBlock_0"]
+  assert block["Dense_0"]["kernel"].roles == ("stack", "in", "out")
+  assert block["MultiHeadDotProductAttention_0"]["query"]["kernel"].roles == (
+    "stack",
+    "in",
+    "out",
+    "out",
+  )
+  assert block["Dense_0"]["kernel"].a.shape == (3, 2, 10)  # one A per layer
+  trained = randomize(wrapped, K(3))
+  got = lora_fn.lora(model.apply)({"params": trained}, x)
+  want = model.apply({"params": lora_fn.merge(trained)}, x)
+  assert_trees_close(got, want)
+
+
+def test_layouts_of_a_larger_tree_still_name_a_missing_kernel():
+  model, x = _Scanned(), jnp.ones((2, 5, 4))
+  p = model.init(jax.random.key(0), x)["params"]
+  layouts = {"params/ScanBlock_0/Dense_9/kernel": ("stack", "in", "out")}
+  with pytest.raises(
+    ValueError, match=r"layouts key 'params/ScanBlock_0/Dense_9/kernel' matches no parameter"
+  ):
+    lora_fn.wrap(p, rank=2, targets=("Dense_0",), layouts=layouts, key=K(2))

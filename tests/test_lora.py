@@ -78,12 +78,12 @@ def _case(name):
     return (*_linen(_Stacked(), x), (x,), ("Dense_0",), {"Dense_0": ("stack", "in", "out")})
   if name == "vmap_stacked":  # the layer axis meets dot_general as a batch dimension
     params = {"w": jax.random.normal(K(0), (3, 5, 7))}
-    fn = lambda p, xs: jax.vmap(lambda w, h: h @ w)(p["w"], xs)  # noqa: E731
+    fn = lambda p, xs: jax.vmap(lambda w, h: h @ w)(p["w"], xs)
     xs = jax.random.normal(K(1), (3, 2, 5))
     return fn, params, (xs,), ("w",), {"w": ("stack", "in", "out")}
   if name == "kernel_on_left":
     params = {"w": jax.random.normal(K(0), (5, 7))}
-    fn = lambda p, x: jnp.einsum("io,bti->obt", p["w"], x)  # noqa: E731
+    fn = lambda p, x: jnp.einsum("io,bti->obt", p["w"], x)
     return fn, params, (x,), ("w",), None
   if name == "transposed_reshaped":
     params = {"w": jax.random.normal(K(0), (7, 2, 3))}  # (out, heads, head_dim) stored
@@ -147,7 +147,7 @@ def test_freshly_wrapped_equals_base(name, jit):
 
 def test_bf16_compute_follows_the_model_cast():
   params = {"w": jax.random.normal(K(0), (11, 7))}
-  fn = lambda p, x: x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16)  # noqa: E731
+  fn = lambda p, x: x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16)
   wrapped = randomize(lora_fn.wrap(params, rank=3, targets=("w",), key=K(1)), K(2))
   x = jax.random.normal(K(3), (5, 11))
   with _no_materialize():
@@ -205,7 +205,7 @@ def test_jaxpr_has_no_full_size_update():
 
 def test_unsupported_use_materializes_with_warning():
   params = {"w": jax.random.normal(K(0), (5, 7))}
-  fn = lambda p, x: x @ jnp.sin(p["w"])  # noqa: E731
+  fn = lambda p, x: x @ jnp.sin(p["w"])
   wrapped = randomize(lora_fn.wrap(params, rank=2, targets=("w",), key=K(1)), K(2))
   x = jax.random.normal(K(3), (3, 5))
   with pytest.warns(lora_fn.MaterializeWarning, match=r"no factored rule for 'sin'"):
@@ -215,18 +215,19 @@ def test_unsupported_use_materializes_with_warning():
 
 def test_dropout_is_keyed_and_off_without_key():
   params = {"w": jax.random.normal(K(0), (5, 7))}
-  fn = lambda p, x: x @ p["w"]  # noqa: E731
+  fn = lambda p, x: x @ p["w"]
   # rank 5 = in: x -> x·A·B is injective, so the dropped-out input can be read back.
   wrapped = randomize(lora_fn.wrap(params, rank=5, targets=("w",), key=K(1), dropout=0.5), K(2))
   x = jax.random.normal(K(3), (13, 5))
   leaf = wrapped["w"]
   base = x @ leaf.w
-  low = lambda xd: (xd @ leaf.a.T) @ leaf.b * leaf.scale  # noqa: E731
-  assert_trees_close(lora_fn.lora(fn)(wrapped, x), base + low(x))
-  a = lora_fn.lora(fn, key=K(4))(wrapped, x)
-  b = lora_fn.lora(fn, key=K(4))(wrapped, x)
-  c = lora_fn.lora(fn, key=K(5))(wrapped, x)
-  assert_trees_equal(a, b)
+  low = lambda xd: (xd @ leaf.a.T) @ leaf.b * leaf.scale
+  apply = lora_fn.lora(fn)
+  assert_trees_close(apply(wrapped, x), base + low(x))
+  a = apply(wrapped, x, dropout_key=K(4))
+  b = jax.jit(apply)(wrapped, x, dropout_key=K(4))
+  c = apply(wrapped, x, dropout_key=K(5))
+  assert_trees_close(a, b)
   assert not np.allclose(a, c)
   # The base path never sees dropout: a - base is low(mask * x / (1 - p)).
   resid = np.asarray(a - base)
@@ -234,6 +235,73 @@ def test_dropout_is_keyed_and_off_without_key():
   dropped = np.isclose(xd, 0, atol=1e-3)
   assert 0.3 < dropped.mean() < 0.7
   np.testing.assert_allclose(xd[~dropped], 2 * np.asarray(x)[~dropped], rtol=1e-2, atol=1e-3)
+
+
+def test_one_transform_serves_every_dropout_key_without_retracing():
+  traces = []
+
+  def fn(p, x):
+    traces.append(1)
+    return x @ p["w"]
+
+  wrapped = randomize(
+    lora_fn.wrap({"w": jnp.ones((5, 7))}, rank=2, targets=("w",), key=K(0), dropout=0.5), K(1)
+  )
+  x = jax.random.normal(K(2), (11, 5))
+  apply = lora_fn.lora(fn)
+  outs = [apply(wrapped, x, dropout_key=K(i)) for i in range(3)]
+  assert len(traces) == 1
+  assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[2])
+  step = jax.jit(lambda p, x, k: apply(p, x, dropout_key=k))
+  assert_trees_close(step(wrapped, x, K(1)), outs[1])
+  step(wrapped, x, K(7))
+  assert step._cache_size() == 1
+
+
+def test_key_at_build_time_is_deprecated_but_still_applies_dropout():
+  fn = lambda p, x: x @ p["w"]
+  wrapped = randomize(
+    lora_fn.wrap({"w": jnp.ones((5, 7))}, rank=2, targets=("w",), key=K(0), dropout=0.5), K(1)
+  )
+  x = jax.random.normal(K(2), (11, 5))
+  with pytest.warns(DeprecationWarning, match=r"pass dropout_key=k to the transformed function"):
+    old = lora_fn.lora(fn, key=K(3))
+  assert_trees_equal(old(wrapped, x), lora_fn.lora(fn)(wrapped, x, dropout_key=K(3)))
+
+
+def test_trace_cache_is_least_recently_used_and_reads_closures_like_jit():
+  traces = []
+  scale = {"value": 2.0}
+
+  def fn(p, x):
+    traces.append(x.shape)
+    return scale["value"] * (x @ p["w"])
+
+  wrapped = lora_fn.wrap({"w": jnp.ones((5, 7))}, rank=2, targets=("w",), key=K(0))
+  apply = lora_fn.lora(fn)
+  hot = jnp.ones((1, 5))
+  for n in range(2, 80):  # more shapes than the cache holds; the hot one is used throughout
+    apply(wrapped, hot)
+    apply(wrapped, jnp.ones((n, 5)))
+  assert traces.count((1, 5)) == 1
+  first = len(traces)
+  apply(wrapped, jnp.ones((2, 5)))  # the oldest cold shape was evicted
+  assert len(traces) == first + 1
+  # As with jax.jit, a closed-over value is read when fn is traced; a cached trace keeps it.
+  scale["value"] = 3.0
+  assert_trees_close(apply(wrapped, hot), 2.0 * (hot @ wrapped["w"].w))
+
+
+def test_only_the_rules_own_signal_falls_back_to_materialising(monkeypatch):
+  import lorax_fn._rules as rules
+
+  def broken(*args, **kwargs):
+    raise NotImplementedError("a bug inside JAX")
+
+  monkeypatch.setattr(rules, "contract", broken)
+  wrapped = lora_fn.wrap({"w": jnp.ones((5, 7))}, rank=2, targets=("w",), key=K(0))
+  with pytest.raises(NotImplementedError, match="a bug inside JAX"):
+    lora_fn.lora(lambda p, x: x @ p["w"])(wrapped, jnp.ones((3, 5)))
 
 
 def test_shape_mismatch_is_an_error_naming_the_path():
@@ -286,7 +354,7 @@ def test_sites_reading_the_same_input_share_one_first_matmul():
   assert_trees_close(jax.jit(lora_fn.lora(fn))(wrapped, x), fn(explicit_merge(wrapped), x))
   # With dropout each site keeps its own mask, so nothing is shared.
   dropped = lora_fn.wrap(params, rank=2, targets=("query", "key", "value"), key=K(5), dropout=0.1)
-  jaxpr = jax.make_jaxpr(lora_fn.lora(fn, key=K(8)))(dropped, x)
+  jaxpr = jax.make_jaxpr(lambda p, x: lora_fn.lora(fn)(p, x, dropout_key=K(8)))(dropped, x)
   assert sum(e.primitive.name == "dot_general" for e in jaxpr.jaxpr.eqns) == 9
 
 
@@ -309,7 +377,7 @@ def test_custom_vjp_rule_on_a_kernel_is_kept():
     return w
 
   clip_grad.defvjp(lambda w: (w, None), lambda _, g: (jnp.clip(g, -1e-3, 1e-3),))
-  fn = lambda p, x: jnp.sum(x @ clip_grad(p["w"]))  # noqa: E731
+  fn = lambda p, x: jnp.sum(x @ clip_grad(p["w"]))
   wrapped = randomize(lora_fn.wrap({"w": jnp.ones((5, 7))}, rank=2, targets=("w",), key=K(0)), K(1))
   x = jax.random.normal(K(2), (3, 5))
   trainable, frozen = lora_fn.split(wrapped)
@@ -320,7 +388,7 @@ def test_custom_vjp_rule_on_a_kernel_is_kept():
 
 
 def test_optimization_barrier_falls_back():
-  fn = lambda p, x: x @ jax.lax.optimization_barrier(p["w"])  # noqa: E731
+  fn = lambda p, x: x @ jax.lax.optimization_barrier(p["w"])
   wrapped = randomize(lora_fn.wrap({"w": jnp.ones((5, 7))}, rank=2, targets=("w",), key=K(0)), K(1))
   x = jax.random.normal(K(2), (3, 5))
   with pytest.warns(lora_fn.MaterializeWarning, match="optimization_barrier"):

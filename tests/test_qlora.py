@@ -70,7 +70,7 @@ def test_qlora_trains_and_the_quantised_base_stays_bit_identical():
     params, opt_state, loss = step(params, opt_state)
     losses.append(float(loss))
   assert losses[-1] < 0.5 * losses[0], losses
-  frozen = lambda p: lora_fn.split(p, trainable=("head",))[1]  # noqa: E731
+  frozen = lambda p: lora_fn.split(p, trainable=("head",))[1]
   assert_trees_equal(frozen(params), frozen(start))
   assert lora_fn.unwrap(params)["params"]["b0"]["attn"]["query"]["kernel"].codes.dtype == jnp.uint8
 
@@ -168,7 +168,7 @@ def test_chunked_decode_matches_merged(contract_axis):
     rules.CHUNK_ELEMENTS = old
   assert any(e.primitive.name == "scan" for e in jaxpr.jaxpr.eqns)
   assert_trees_close(got, fn(lora_fn.merge(params, dtype=jnp.float32), x), rtol=1e-5)
-  merged_loss = lambda t: fn(lora_fn.merge(lora_fn.combine(t, frozen)), x).sum()  # noqa: E731
+  merged_loss = lambda t: fn(lora_fn.merge(lora_fn.combine(t, frozen)), x).sum()
   assert_trees_close(grads, jax.grad(merged_loss)(train), rtol=1e-4)
 
 
@@ -201,8 +201,8 @@ def test_scanned_qlora_decodes_one_layer_at_a_time():
   layouts = lora_fn.infer_layouts(model.apply, quant, x)
   params = randomize(lora_fn.wrap(quant, rank=4, targets=("mlp",), layouts=layouts, key=K(2)), K(3))
   train, frozen = lora_fn.split(params)
-  loss = lambda t: lora_fn.lora(model.apply)(lora_fn.combine(t, frozen), x).sum()  # noqa: E731
-  merged_loss = lambda t: model.apply(lora_fn.merge(lora_fn.combine(t, frozen)), x).sum()  # noqa: E731
+  loss = lambda t: lora_fn.lora(model.apply)(lora_fn.combine(t, frozen), x).sum()
+  merged_loss = lambda t: model.apply(lora_fn.merge(lora_fn.combine(t, frozen)), x).sum()
   assert_trees_close(jax.jit(loss)(train), merged_loss(train), rtol=1e-5)
   assert_trees_close(jax.jit(jax.grad(loss))(train), jax.grad(merged_loss)(train), rtol=1e-4)
   # Neither the forward nor the backward pass forms the float stack of all three layers.

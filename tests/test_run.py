@@ -242,9 +242,9 @@ def test_sharded_run_matches_one_device(runs, tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   one, four = _records(root / "full"), _records(tmp_path / "w")
-  loss = lambda rs: [r["loss"] for r in rs if r["split"] == "train" and "loss" in r]  # noqa: E731
+  loss = lambda rs: [r["loss"] for r in rs if r["split"] == "train" and "loss" in r]
   np.testing.assert_allclose(loss(four), loss(one), rtol=1e-4)
-  acc = lambda rs: [r["accuracy"] for r in rs if r["split"] == "eval"]  # noqa: E731
+  acc = lambda rs: [r["accuracy"] for r in rs if r["split"] == "eval"]
   assert acc(four) == acc(one)
 
 

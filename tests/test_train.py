@@ -136,7 +136,7 @@ def test_nnx_model_trains_adapters_only():
   @jax.jit
   def step(params, opt_state):
     trainable, frozen = lora_fn.split(params)
-    loss_fn = lambda t: jnp.mean((apply(lora_fn.combine(t, frozen), ids) - y) ** 2)  # noqa: E731
+    loss_fn = lambda t: jnp.mean((apply(lora_fn.combine(t, frozen), ids) - y) ** 2)
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return lora_fn.combine(optax.apply_updates(trainable, updates), frozen), opt_state, loss

@@ -7,12 +7,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from hf_vit import convert_hf_vit, load_hf_vit, stack_layers  # noqa: E402
-from vit import ViT, vit  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_vit import convert_hf_vit, load_hf_vit, stack_layers
+from vit import ViT, vit
 
 _INTEROP = "interop extra not installed: pip install -e '.[interop]'"
 HIDDEN, LAYERS, HEADS, MLP, IMAGE, PATCH = 32, 2, 4, 37, 32, 8

@@ -150,7 +150,7 @@ def test_nnx_state():
   assert _lora_paths(p) == ["layers/0/kernel", "layers/1/kernel"]
   p = randomize(p, K(1))
   x = jax.random.normal(K(2), (4, 5))
-  run = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+  run = lambda s, x: nnx.merge(graphdef, s)(x)
   np.testing.assert_allclose(
     jax.jit(lora_fn.lora(run))(p, x), run(lora_fn.merge(p), x), rtol=1e-5, atol=1e-6
   )
@@ -178,7 +178,7 @@ ERRORS = [
     "rank_zero",
     dict(targets=("mlp",), rank=0),
     ValueError,
-    r"rank for 'enc/mlp/kernel' must be a positive int; got: 0",
+    r"rank must be a positive int; got: 0",
   ),
   (
     "rank_too_big",
@@ -236,6 +236,75 @@ ERRORS = [
     r"targets must be a sequence of names, a regex string or pattern, or a callable",
   ),
   ("empty_targets", dict(targets=()), ValueError, r"targets must not be empty"),
+  # Every name a user gives must select something: never a silent no-op.
+  (
+    "typo_beside_a_good_name",
+    dict(targets=("query", "vaule")),
+    ValueError,
+    r"targets name 'vaule' matched no parameter.*nearest available paths: "
+    r"\['enc/value/kernel'",
+  ),
+  (
+    "bad_regex_target",
+    dict(targets=r"enc/(query"),
+    ValueError,
+    r"targets 'enc/\(query' is not a valid regular expression: missing \)",
+  ),
+  (
+    "layout_key_matches_nothing",
+    dict(targets=("mlp",), layouts={"mpl": ("in", "out")}),
+    ValueError,
+    r"layouts key 'mpl' matches no parameter of 2\+ axes; nearest: \['enc/mlp/kernel'",
+  ),
+  (
+    "rank_pattern_key_matches_no_target",
+    dict(targets=("mlp",), rank_pattern={"value": 3}),
+    ValueError,
+    r"rank_pattern key 'value' matches no targeted parameter; nearest: \['enc/mlp/kernel'\]",
+  ),
+  (
+    "alpha_pattern_key_matches_nothing",
+    dict(targets=("mlp", "query"), alpha_pattern={"qeury": 3.0}),
+    ValueError,
+    r"alpha_pattern key 'qeury' matches no targeted parameter; nearest: \['enc/query/kernel'",
+  ),
+  (
+    "bad_regex_pattern_key",
+    dict(targets=("mlp",), rank_pattern={"ml[p": 3}),
+    ValueError,
+    r"rank_pattern key 'ml\[p' is not a valid regular expression",
+  ),
+  (
+    "pattern_not_a_mapping",
+    dict(targets=("mlp",), layouts=[("mlp", ("in", "out"))]),
+    TypeError,
+    r"layouts must be a mapping from path patterns \(str\) to values",
+  ),
+  (
+    "negative_alpha",
+    dict(targets=("mlp",), alpha=-8.0),
+    ValueError,
+    r"alpha must be a positive finite number \(or None: alpha = rank\); got: -8.0",
+  ),
+  ("nan_alpha", dict(targets=("mlp",), alpha=float("nan")), ValueError, r"alpha must be.*nan"),
+  ("inf_alpha", dict(targets=("mlp",), alpha=float("inf")), ValueError, r"alpha must be.*inf"),
+  ("string_alpha", dict(targets=("mlp",), alpha="16"), ValueError, r"alpha must be.*'16'"),
+  (
+    "nan_alpha_pattern",
+    dict(targets=("mlp",), alpha_pattern={"mlp": float("nan")}),
+    ValueError,
+    r"alpha_pattern\['mlp'\] must be a positive finite number",
+  ),
+  ("float_rank", dict(targets=("mlp",), rank=2.5), ValueError, r"rank must be a positive int"),
+  ("bool_rank", dict(targets=("mlp",), rank=True), ValueError, r"rank must be a positive int"),
+  (
+    "int_factor_dtype",
+    dict(targets=("mlp",), dtype=jnp.int8),
+    TypeError,
+    r"dtype of the factors must be a float dtype",
+  ),
+  ("rslora_not_bool", dict(targets=("mlp",), rslora="yes"), TypeError, r"rslora must be a bool"),
+  ("dropout_string", dict(targets=("mlp",), dropout="0.1"), ValueError, r"dropout must be in"),
 ]
 
 
@@ -267,5 +336,23 @@ def test_partial_regex_selects_kernels_only():
 
 
 def test_rank_pattern_zero_is_an_error():
-  with pytest.raises(ValueError, match=r"rank for 'enc/mlp/kernel' must be a positive int; got: 0"):
+  with pytest.raises(ValueError, match=r"rank_pattern\['mlp'\] must be a positive int; got: 0"):
     lora_fn.wrap(_params(), rank=2, targets=("mlp",), rank_pattern={"mlp": 0}, key=K(0))
+
+
+def test_pattern_keys_apply_in_order_and_only_where_they_match():
+  p = lora_fn.wrap(
+    _params(),
+    rank=2,
+    targets=("query", "value", "mlp"),
+    rank_pattern={"enc/(query|value)": 3, "value": 1},  # the first matching key wins
+    alpha_pattern={"mlp": 5.0},
+    key=K(0),
+  )
+  enc = p["enc"]
+  assert (enc["query"]["kernel"].rank, enc["value"]["kernel"].rank, enc["mlp"]["kernel"].rank) == (
+    3,
+    3,
+    2,
+  )
+  assert (enc["query"]["kernel"].alpha, enc["mlp"]["kernel"].alpha) == (3.0, 5.0)

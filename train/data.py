@@ -86,7 +86,7 @@ class _Decode:
       else:
         pixels = to_pixels(example["image"], self.size)
       valid = 1
-    except Exception:  # noqa: BLE001 - any unreadable image is skipped and counted
+    except Exception:  # any unreadable image is skipped and counted
       pixels, valid = np.zeros((self.size, self.size, 3), np.float32), 0
     label = int(self.label_map[int(example["label"])])
     return {
@@ -175,7 +175,7 @@ def load_hf(name: str, path: str, split: str) -> Split:
   else:
     try:
       ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001 - any failure to reach the hub ends up here
+    except Exception as e:  # any failure to reach the hub ends up here
       raise RuntimeError(
         f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
         "If the hub is unreachable, point at a local copy with --config.data.path=DIR "
@@ -202,7 +202,7 @@ def digits(
   order = np.random.default_rng(seed).permutation(len(labels))
   n_eval = int(len(order) * eval_fraction)
   names = [str(c) for c in sorted(classes)]
-  make = lambda idx: Split(_ArraySource(images[idx], labels[idx], image_size), names)  # noqa: E731
+  make = lambda idx: Split(_ArraySource(images[idx], labels[idx], image_size), names)
   return make(order[n_eval:]), make(order[:n_eval])
 
 

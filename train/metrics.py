@@ -114,11 +114,11 @@ class Writer:
     evals = [(r["step"], r["accuracy"], r["macro_f1"]) for r in rec if r["split"] == "eval"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     if train:
-      s, l = zip(*sorted(dict(train).items()))
+      s, l = zip(*sorted(dict(train).items()), strict=True)
       ax1.plot(s, l, lw=1)
     ax1.set(xlabel="step", ylabel="train loss", title="training loss")
     if evals:
-      s, a, f = zip(*sorted({e[0]: e for e in evals}.values()))
+      s, a, f = zip(*sorted({e[0]: e for e in evals}.values()), strict=True)
       ax2.plot(s, a, "o-", label="accuracy")
       ax2.plot(s, f, "s--", label="macro-F1")
       ax2.legend()

@@ -34,12 +34,12 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data as data_lib  # noqa: E402
-import hf_vit  # noqa: E402
-import metrics as metrics_lib  # noqa: E402
-import vit as vit_lib  # noqa: E402
+import data as data_lib
+import hf_vit
+import metrics as metrics_lib
+import vit as vit_lib
 
-import lorax_fn as lora_fn  # noqa: E402
+import lorax_fn as lora_fn
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 
@@ -324,13 +324,15 @@ def main(argv: list[str]) -> None:
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
   apply = lora_fn.lora(model.apply)
   key = jax.random.key(config.seed + 2)
-  shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+  shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   trainable_shardings = shardings_of(trainable)
 
   def train_step(trainable, opt_state, frozen, batch, step):
     def loss_fn(t):
-      logits = lora_fn.lora(model.apply, key=jax.random.fold_in(key, step))(
-        lora_fn.combine(t, frozen), batch["image"].astype(model.dtype)
+      logits = apply(
+        lora_fn.combine(t, frozen),
+        batch["image"].astype(model.dtype),
+        dropout_key=jax.random.fold_in(key, step),
       )
       return xent(logits, batch["label"], batch["valid"])
 
@@ -524,35 +526,41 @@ def compare_baselines(
     ("full fine-tune", 0.1, lambda path: True),
     ("linear probe", 1.0, lambda path: "head" in path),
   ):
-    labels = jax.tree_util.tree_map_with_path(
-      lambda p, _: "train" if mask(jax.tree_util.keystr(p)) else "freeze", base
+    results[name] = _train_baseline(
+      config, model, base, train_ds, eval_split, class_names, lr, lr_scale, mask
     )
-    tx = optax.multi_transform(
-      {
-        "train": optax.adamw(lambda s: lr_scale * lr(s), weight_decay=config.optim.weight_decay),
-        "freeze": optax.set_to_zero(),
-      },
-      labels,
-    )
-
-    @jax.jit
-    def step_fn(p, o, batch):
-      loss_fn = lambda p: xent(model.apply(p, batch["image"]), batch["label"], batch["valid"])  # noqa: E731
-      grads = jax.grad(loss_fn)(p)
-      updates, o = tx.update(grads, o, p)
-      return optax.apply_updates(p, updates), o
-
-    p, o = base, tx.init(base)
-    for batch in data_lib.iterate(train_ds, 0, config.data.workers):
-      p, o = step_fn(p, o, batch)
-    results[name] = evaluate(model.apply, p, eval_split, config, config.batch_size, class_names)[
-      "accuracy"
-    ]
   trained = {"LoRA": lora_fn.summary(lora_params, trainable=tuple(config.lora.trainable))}
   print("\nheld-out accuracy on the new classes, same steps and data:")
   for name, acc in results.items():
     print(f"  {name:<15} {acc:.4f}")
   print(f"  (LoRA: {trained['LoRA'].splitlines()[0]})")
+
+
+def _train_baseline(
+  config, model, base, train_ds, eval_split, class_names, lr, lr_scale, mask
+) -> float:
+  labels = jax.tree_util.tree_map_with_path(
+    lambda p, _: "train" if mask(jax.tree_util.keystr(p)) else "freeze", base
+  )
+  tx = optax.multi_transform(
+    {
+      "train": optax.adamw(lambda s: lr_scale * lr(s), weight_decay=config.optim.weight_decay),
+      "freeze": optax.set_to_zero(),
+    },
+    labels,
+  )
+
+  @jax.jit
+  def step_fn(p, o, batch):
+    loss_fn = lambda p: xent(model.apply(p, batch["image"]), batch["label"], batch["valid"])
+    grads = jax.grad(loss_fn)(p)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o
+
+  p, o = base, tx.init(base)
+  for batch in data_lib.iterate(train_ds, 0, config.data.workers):
+    p, o = step_fn(p, o, batch)
+  return evaluate(model.apply, p, eval_split, config, config.batch_size, class_names)["accuracy"]
 
 
 def load_config_file(spec: str) -> Any:
@@ -572,7 +580,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
   try:
     return flags.FLAGS(argv)
-  except Exception as e:  # noqa: BLE001 - absl wraps the ConfigDict error variously
+  except Exception as e:  # absl wraps the ConfigDict error variously
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if spec is None and "--config" in argv:
       spec = argv[argv.index("--config") + 1]
