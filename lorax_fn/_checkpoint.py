@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from lorax_fn import _paths
 from lorax_fn._leaves import is_lora
@@ -38,6 +40,33 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     else:
       out[path] = v
   return out
+
+
+def _host(x: Any) -> np.ndarray:
+  """The whole array on this host (gathered from every process when it is split across them)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.ascontiguousarray(np.asarray(x))
+
+
+def checksum(x: Any) -> str:
+  """``sha256:<hex>`` of an array's dtype, shape and bytes (row-major)."""
+  a = _host(x)
+  h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+  h.update(a.tobytes())
+  return "sha256:" + h.hexdigest()
+
+
+def verify_checksums(arrays: Mapping[str, Any], saved: Mapping[str, str], where: str) -> None:
+  """Raises ``ValueError`` naming the first array whose checksum differs from the saved one."""
+  for path, x in arrays.items():
+    if path in saved and checksum(x) != saved[path]:
+      raise ValueError(
+        f"{where} is damaged: the array {path!r} read back differs from the one saved "
+        f"(checksum {checksum(x)}, saved {saved[path]}); restore an intact copy."
+      )
 
 
 def adapter_state(
@@ -127,6 +156,8 @@ def save_adapter(
   """
   arrays, config = adapter_state(params, trainable=trainable, bias=bias)
   config["metadata"] = dict(metadata or {})
+  # Orbax reads some damaged array files back without an error; these catch that.
+  config["checksums"] = {p: checksum(x) for p, x in arrays.items()}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     ckpt.save(
       os.path.abspath(path),
@@ -149,10 +180,47 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     >>> config["lora"]["k"]["rank"], config["metadata"]
     (2, {'base_model': 'toy'})
   """
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    return ckpt.restore(
-      os.path.abspath(path), args=ocp.args.Composite(config=ocp.args.JsonRestore())
-    )["config"]
+  where = f"adapter checkpoint {os.fspath(path)!r}"
+  root = _checkpoint_dir(path, where)
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+      config = ckpt.restore(root, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  except Exception as e:  # Orbax raises bare Exceptions too; all mean the same here
+    raise ValueError(
+      f"{where} is damaged: its record {os.fspath(root / 'config')!r} cannot be read "
+      f"({type(e).__name__}: {_first_line(e)})"
+    ) from e
+  if not isinstance(config, dict) or config.get("format") != _FORMAT:
+    raise ValueError(
+      f"{where} is not a lorax_fn adapter checkpoint (its record is {config!r:.200})"
+    )
+  return config
+
+
+def _first_line(e: BaseException) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+
+
+def _checkpoint_dir(path: str | os.PathLike, where: str) -> epath.Path:
+  """The checkpoint directory, or a clear error when ``path`` is not one."""
+  root = epath.Path(os.path.abspath(path) if "://" not in os.fspath(path) else path)
+  if not root.exists():
+    raise FileNotFoundError(f"{where} does not exist")
+  if not root.is_dir() or not (root / "config").is_dir() or not (root / "adapter").is_dir():
+    found = sorted(c.name for c in root.iterdir()) if root.is_dir() else "a file"
+    hint = ""
+    if isinstance(found, list) and found and all(n.isdigit() for n in found):
+      hint = (
+        "; it looks like a training checkpoint directory (one sub-directory per step): "
+        "restore the adapter saved with lorax_fn.save_adapter (train/run.py writes "
+        "workdir/best_adapter) instead"
+      )
+    raise ValueError(
+      f"{where} is not an adapter checkpoint written by lorax_fn.save_adapter: it has no "
+      f"'config' and 'adapter' items (found: {found if isinstance(found, str) else found[:10]})"
+      f"{hint}."
+    )
+  return root
 
 
 def check_adapter_config(
@@ -254,11 +322,20 @@ def restore_adapter(
       raise ValueError(f"{where} has metadata {k}={saved['metadata'].get(k)!r}; expected {v!r}.")
   # Abstract targets: Orbax checks shapes and restores jax arrays with the model's shardings.
   target = _nest({p: _abstract(x) for p, x in arrays.items()})
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    loaded = ckpt.restore(
-      os.path.abspath(path), args=ocp.args.Composite(adapter=ocp.args.StandardRestore(target))
-    )["adapter"]
-  return load_adapter_state(params, _flatten(loaded))
+  root = _checkpoint_dir(path, where)
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+      loaded = ckpt.restore(
+        root, args=ocp.args.Composite(adapter=ocp.args.StandardRestore(target))
+      )["adapter"]
+  except Exception as e:  # Orbax raises bare Exceptions too; all mean the same here
+    raise ValueError(
+      f"{where} is damaged: its arrays in {os.fspath(root / 'adapter')!r} cannot be read "
+      f"({type(e).__name__}: {_first_line(e)})"
+    ) from e
+  loaded = _flatten(loaded)
+  verify_checksums(loaded, saved.get("checksums", {}), where)
+  return load_adapter_state(params, loaded)
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:

@@ -134,7 +134,14 @@ class LoraLeaf:
     return self.w.dequantize() if hasattr(self.w, "dequantize") else self.w
 
   def check(self, path: str) -> None:
-    """Raises ``ValueError`` naming ``path`` if the factor shapes do not fit ``w``."""
+    """Raises ``ValueError`` naming ``path`` if the factors are missing or do not fit ``w``."""
+    missing = [f for f in ("w", "a", "b") if getattr(self, f) is None]
+    if missing:
+      half = "frozen" if "w" in missing else "trainable"
+      raise ValueError(
+        f"LoRA leaf at {path!r} has no {' or '.join(missing)} (None): it is one half of "
+        f"lorax_fn.split; combine it with the {half} half first: combine(trainable, frozen)."
+      )
     if len(self.roles) != len(self.shape):
       raise ValueError(
         f"LoRA leaf at {path!r}: roles {self.roles} must name every axis of the base "

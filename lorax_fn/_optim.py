@@ -44,6 +44,7 @@ def optimizer(
     An ``optax.GradientTransformation``.
 
   Raises:
+    TypeError: if ``tx`` is not an optax transformation (e.g. the factory ``optax.adam``).
     ValueError: if ``bias`` is unknown or ``trainable`` matches nothing.
 
   Example:
@@ -54,6 +55,9 @@ def optimizer(
     >>> [x.shape for x in jax.tree.leaves(tx.init(p))]  # count, then mu and nu of a, b
     [(), (2, 5), (2, 7), (2, 5), (2, 7)]
   """
+  if not isinstance(tx, optax.GradientTransformation):
+    made = " (a function that makes one: call it, e.g. optax.adam(1e-3))" if callable(tx) else ""
+    raise TypeError(f"tx must be an optax.GradientTransformation{made}; got: {tx!r}")
   mask = trainable_mask(params, trainable=trainable, bias=bias)
 
   def init(params: Any) -> LoraOptState:

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from lorax_fn import _paths
-from lorax_fn._leaves import LoraLeaf, is_lora
+from lorax_fn._leaves import is_lora
 
 _BIAS_MODES = ("none", "all", "lora_only")
 
@@ -140,18 +140,75 @@ def partition(params: Any, mask: Any) -> tuple[Any, Any]:
 def combine(*trees: Any) -> Any:
   """Merges trees from :func:`split`, taking the first non-``None`` value at each leaf.
 
+  Args:
+    *trees: trees of one structure, e.g. ``(trainable, frozen)`` from :func:`split`.
+
+  Returns:
+    One tree with every gap filled.
+
+  Raises:
+    TypeError: if a tree is ``None`` or none is given.
+    ValueError: if the trees differ in structure, or their LoRA leaves differ in rank,
+      alpha, layout or options (halves of different wraps).
+
   Example:
     >>> import lorax_fn as lora_fn
     >>> lora_fn.combine({"a": 1, "b": None}, {"a": None, "b": 2})
     {'a': 1, 'b': 2}
   """
-
-  def first(*xs: Any) -> Any:
-    if any(isinstance(x, LoraLeaf) for x in xs):
-      leaves = [x for x in xs if isinstance(x, LoraLeaf)]
-      return dataclasses.replace(
-        leaves[0], **{f: first(*(getattr(x, f) for x in leaves)) for f in ("w", "a", "b")}
+  if not trees:
+    raise TypeError("combine needs the trees to merge, e.g. combine(trainable, frozen)")
+  for i, t in enumerate(trees):
+    if t is None:
+      raise TypeError(
+        f"combine got None as tree {i}; pass both halves that lorax_fn.split returned: "
+        "combine(trainable, frozen)"
       )
-    return next((x for x in xs if x is not None), None)
+  is_leaf = lambda x: x is None or is_lora(x)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(trees[0], is_leaf=is_leaf)
+  columns = [[x] for _, x in flat]
+  for i, t in enumerate(trees[1:], 1):
+    other, other_def = jax.tree_util.tree_flatten_with_path(t, is_leaf=is_leaf)
+    if other_def != treedef:
+      raise ValueError(
+        f"combine: tree {i} does not have the structure of tree 0 "
+        f"({_first_difference(flat, other)}); combine the halves of one lorax_fn.split."
+      )
+    for col, (_, x) in zip(columns, other, strict=True):
+      col.append(x)
+  out = [_first(_paths.path_str(p), xs) for (p, _), xs in zip(flat, columns, strict=True)]
+  return jax.tree_util.tree_unflatten(treedef, out)
 
-  return jax.tree.map(first, *trees, is_leaf=lambda x: x is None or is_lora(x))
+
+def _first_difference(a: list[Any], b: list[Any]) -> str:
+  pa, pb = [_paths.path_str(p) for p, _ in a], [_paths.path_str(p) for p, _ in b]
+  for x, y in zip(pa, pb, strict=False):  # lengths may differ: that is what is reported
+    if x != y:
+      return f"{x!r} in tree 0 where the other has {y!r}"
+  return f"{len(pa)} leaves in tree 0, {len(pb)} in the other"
+
+
+_STATIC = ("roles", "rank", "alpha", "rslora", "dropout")
+
+
+def _first(path: str, xs: list[Any]) -> Any:
+  loras = [x for x in xs if is_lora(x)]
+  if not loras:
+    return next((x for x in xs if x is not None), None)
+  if any(x is not None and not is_lora(x) for x in xs):
+    raise ValueError(
+      f"combine: at {path!r} one tree holds a LoRA leaf and another a plain array; the trees "
+      "come from different wraps (other targets)."
+    )
+  for field in _STATIC:
+    values = [getattr(x, field) for x in loras]
+    if any(v != values[0] for v in values):
+      raise ValueError(
+        f"combine: the LoRA leaf at {path!r} has {field}={values[0]!r} in one tree and "
+        f"{field}={next(v for v in values if v != values[0])!r} in another; combine the halves "
+        "of one wrap."
+      )
+  fields = {
+    f: next((getattr(x, f) for x in loras if getattr(x, f) is not None), None) for f in "wab"
+  }
+  return dataclasses.replace(loras[0], **fields)

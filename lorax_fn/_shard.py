@@ -144,6 +144,13 @@ def _fsdp_spec(
   return P(*spec)
 
 
+def _compile_rule(pattern: str) -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"sharding rule {pattern!r} is not a valid regular expression: {e}") from e
+
+
 def _check_spec(path: str, spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> None:
   if len(spec) > len(shape):
     raise ValueError(
@@ -297,8 +304,9 @@ def partition_specs(
     strict = [False] * len(leaves)
   elif _is_rules(rules):
     base, used = [], [False] * len(rules)
+    regexes = [_compile_rule(pattern) for pattern, _ in rules]
     for p, s in zip(paths, shapes, strict=True):
-      j = next((j for j, (pattern, _) in enumerate(rules) if re.fullmatch(pattern, p)), None)
+      j = next((j for j, regex in enumerate(regexes) if regex.fullmatch(p)), None)
       spec = None if j is None else rules[j][1]
       if j is not None:
         used[j] = True

@@ -274,6 +274,10 @@ def merge(params: Any, *, dtype: Any = None) -> Any:
   Returns:
     A plain pytree of arrays.
 
+  Raises:
+    TypeError: if ``dtype`` is not a float dtype.
+    ValueError: if a LoRA leaf's factors do not fit its base (the path is named).
+
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
     >>> p = lora_fn.wrap({"k": jnp.eye(3)}, rank=1, targets=("k",), key=jax.random.key(0))
@@ -281,12 +285,16 @@ def merge(params: Any, *, dtype: Any = None) -> Any:
     True
   """
 
-  def one(x: Any) -> Any:
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"merge dtype must be a float dtype (or None: each base's); got: {dtype!r}")
+
+  def one(path: Any, x: Any) -> Any:
     if is_lora(x):
+      x.check(_paths.path_str(path))
       return x.merged(dtype)
     return x.dequantize(dtype) if is_quant(x) else x
 
-  return jax.tree.map(one, params, is_leaf=lambda x: is_lora(x) or is_quant(x))
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: is_lora(x) or is_quant(x))
 
 
 def unwrap(params: Any) -> Any:

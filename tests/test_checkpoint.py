@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import jax
@@ -108,3 +109,88 @@ def test_restored_arrays_are_jax_arrays(tmp_path):
   lora_fn.save_adapter(tmp_path / "a", p)
   restored = lora_fn.restore_adapter(tmp_path / "a", p)
   assert isinstance(restored["enc"]["query"]["kernel"].a, jax.Array)
+
+
+def _largest_file(root):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _flip(path, n=16):
+  with open(path, "rb") as f:
+    data = bytearray(f.read())
+  mid = len(data) // 2
+  for i in range(mid, mid + n):
+    data[i] ^= 0xFF
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+
+
+def _truncate(path):
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(size // 2)
+
+
+def _big_params():
+  base = {"enc": {"query": {"kernel": jax.random.normal(K(0), (96, 128))}}}
+  return randomize(lora_fn.wrap(base, rank=16, targets=("query",), key=K(1)), K(2))
+
+
+# Orbax leaves half-finished async readers behind when TensorStore fails to read a damaged
+# file; they raise while being collected. Collect them inside the test that made them.
+_ORBAX_LEFTOVERS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@_ORBAX_LEFTOVERS
+def test_flipped_bytes_in_the_array_data_are_caught_by_checksums(tmp_path):
+  p = _big_params()
+  lora_fn.save_adapter(tmp_path / "a", p)
+  assert set(lora_fn.read_adapter_config(tmp_path / "a")["checksums"]) == {
+    "enc/query/kernel/a",
+    "enc/query/kernel/b",
+  }
+  # Orbax reads these bytes back without an error, with changed values.
+  _flip(_largest_file(tmp_path / "a" / "adapter"))
+  with pytest.raises(
+    ValueError,
+    match=r"adapter checkpoint '.*' is damaged: the array 'enc/query/kernel/[ab]' read back "
+    r"differs from the one saved \(checksum sha256:",
+  ):
+    lora_fn.restore_adapter(tmp_path / "a", p)
+  gc.collect()
+
+
+@_ORBAX_LEFTOVERS
+@pytest.mark.parametrize(
+  "damage, where, regex",
+  [
+    (_truncate, "adapter", r"is damaged: its arrays in '.*adapter' cannot be read"),
+    (_truncate, "config", r"is damaged: its record '.*config' cannot be read \(JSONDecodeError"),
+    (_flip, "config", r"is damaged: its record '.*config' cannot be read"),
+  ],
+)
+def test_damaged_files_name_the_checkpoint_and_the_part(tmp_path, damage, where, regex):
+  p = _big_params()
+  lora_fn.save_adapter(tmp_path / "a", p)
+  damage(_largest_file(tmp_path / "a" / where))
+  with pytest.raises(ValueError, match=regex):
+    lora_fn.restore_adapter(tmp_path / "a", p)
+  gc.collect()
+
+
+def test_a_directory_that_is_not_an_adapter_checkpoint_is_named(tmp_path):
+  p = _params()
+  with pytest.raises(FileNotFoundError, match=r"adapter checkpoint '.*nowhere' does not exist"):
+    lora_fn.restore_adapter(tmp_path / "nowhere", p)
+  for step in ("3", "6"):  # a training run's CheckpointManager directory
+    os.makedirs(tmp_path / "ckpts" / step / "state")
+  with pytest.raises(
+    ValueError,
+    match=r"is not an adapter checkpoint written by lorax_fn.save_adapter.*found: \['3', '6'\]"
+    r".*looks like a training checkpoint directory",
+  ):
+    lora_fn.restore_adapter(tmp_path / "ckpts", p)
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ValueError, match=r"found: a file"):
+    lora_fn.read_adapter_config(tmp_path / "file")

@@ -56,3 +56,11 @@ def test_updates_match_plain_optax_on_the_trainable_part(route):
 def test_optimizer_errors():
   with pytest.raises(ValueError, match=r"bias must be one of"):
     lora_fn.optimizer(optax.sgd(1.0), _wrapped(), bias="lora")
+  with pytest.raises(
+    TypeError,
+    match=r"tx must be an optax.GradientTransformation \(a function that makes one: call it, "
+    r"e.g. optax.adam\(1e-3\)\); got: <function adam",
+  ):
+    lora_fn.optimizer(optax.adam, _wrapped())
+  with pytest.raises(TypeError, match=r"tx must be an optax.GradientTransformation; got: 0.001"):
+    lora_fn.optimizer(1e-3, _wrapped())

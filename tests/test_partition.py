@@ -121,3 +121,66 @@ def test_predicate_may_return_any_truthy_value():
 def test_unwrapped_tree_is_an_error():
   with pytest.raises(ValueError, match=r"params hold no LoRA leaf and no trainable leaf"):
     lora_fn.split({"k": jnp.ones((3, 3))})
+
+
+def _halves(**kw):
+  kw = dict(rank=2, targets=("dense",)) | kw
+  base = lora_fn.unwrap(_wrapped())
+  return lora_fn.split(lora_fn.wrap(base, key=jax.random.key(0), **kw))
+
+
+COMBINE_ERRORS = [
+  (
+    "none_half",
+    lambda: (_halves()[0], None),
+    TypeError,
+    r"combine got None as tree 1; pass both halves that lorax_fn.split returned",
+  ),
+  (
+    "other_rank",
+    lambda: (_halves(rank=3)[0], _halves()[1]),
+    ValueError,
+    r"combine: the LoRA leaf at 'body/dense/kernel' has rank=3 in one tree and rank=2 in "
+    r"another; combine the halves of one wrap",
+  ),
+  (
+    "other_alpha",
+    lambda: (_halves(alpha=4.0)[0], _halves()[1]),
+    ValueError,
+    r"has alpha=4.0 in one tree and alpha=2.0 in another",
+  ),
+  (
+    "other_targets",
+    lambda: (_halves(targets=("dense", "other"))[0], _halves()[1]),
+    ValueError,
+    r"combine: at 'body/other/kernel' one tree holds a LoRA leaf and another a plain array",
+  ),
+  (
+    "other_structure",
+    lambda: (_halves()[0], {"body": None}),
+    ValueError,
+    r"combine: tree 1 does not have the structure of tree 0",
+  ),
+  ("nothing", lambda: (), TypeError, r"combine needs the trees to merge"),
+]
+
+
+@pytest.mark.parametrize(
+  "name, trees, exc, regex", COMBINE_ERRORS, ids=[e[0] for e in COMBINE_ERRORS]
+)
+def test_combine_errors(name, trees, exc, regex):
+  with pytest.raises(exc, match=regex):
+    lora_fn.combine(*trees())
+
+
+def test_a_half_passed_where_the_whole_is_needed_is_named():
+  trainable, frozen = _halves()
+  apply = lora_fn.lora(lambda p, x: x @ p["body"]["dense"]["kernel"])
+  with pytest.raises(
+    ValueError,
+    match=r"LoRA leaf at 'arg 0/body/dense/kernel' has no w \(None\): it is one half of "
+    r"lorax_fn.split; combine it with the frozen half first",
+  ):
+    apply(trainable, jnp.ones((3, 5)))
+  with pytest.raises(ValueError, match=r"has no a or b \(None\).*with the trainable half"):
+    lora_fn.merge(frozen)

@@ -145,6 +145,10 @@ SPEC_ERRORS = [
   ),
   ([("dense/kernal", P())], r"sharding rules \['dense/kernal'\] matched no parameter"),
   ("zero3", r"rules must be 'fsdp', 'replicate', a rule list or a spec tree; got: 'zero3'"),
+  (
+    [("dense/(kernel", P())],
+    r"sharding rule 'dense/\(kernel' is not a valid regular expression: missing \)",
+  ),
 ]
 
 

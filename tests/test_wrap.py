@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -356,3 +357,19 @@ def test_pattern_keys_apply_in_order_and_only_where_they_match():
     2,
   )
   assert (enc["query"]["kernel"].alpha, enc["mlp"]["kernel"].alpha) == (3.0, 5.0)
+
+
+def test_merge_errors():
+  p = lora_fn.wrap(_params(), rank=2, targets=("mlp",), key=K(0))
+  with pytest.raises(
+    TypeError, match=r"merge dtype must be a float dtype.*got: <class 'jax.numpy.int8'>"
+  ):
+    lora_fn.merge(p, dtype=jnp.int8)
+  leaf = p["enc"]["mlp"]["kernel"]
+  swapped = {"enc": {"mlp": {"kernel": dataclasses.replace(leaf, a=leaf.b, b=leaf.a)}}}
+  with pytest.raises(
+    ValueError,
+    match=r"LoRA leaf at 'enc/mlp/kernel': base weight of shape \(5, 11\).*expects a of shape "
+    r"\(2, 5\) and b of shape \(2, 11\); got a \(2, 11\) and b \(2, 5\)",
+  ):
+    lora_fn.merge(swapped)
