@@ -18,6 +18,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from errors import HubUnreachable
 from PIL import Image
 
 
@@ -160,7 +161,7 @@ def load_hf(name: str, path: str, split: str) -> Split:
   """A split of a Hugging Face dataset: from the hub, or a local imagefolder/parquet copy.
 
   Raises:
-    RuntimeError: at once, if the hub is needed and cannot be reached.
+    HubUnreachable: at once, if the hub is needed and cannot be reached.
   """
   import datasets
 
@@ -176,7 +177,7 @@ def load_hf(name: str, path: str, split: str) -> Split:
     try:
       ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # any failure to reach the hub ends up here
-      raise RuntimeError(
+      raise HubUnreachable(
         f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
         "If the hub is unreachable, point at a local copy with --config.data.path=DIR "
         "(an imagefolder with one sub-directory per class under train/ and validation/, "

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from errors import HubUnreachable
 from safetensors.numpy import load_file
 from vit import ViT
 
@@ -144,7 +145,7 @@ def _is_repo_id(source: str) -> bool:
 
 
 def _download(repo_id: str) -> str:
-  """Fetches config and weights from the hub; any failure is re-raised at once as RuntimeError."""
+  """Fetches config and weights from the hub; any failure is re-raised at once as HubUnreachable."""
   import huggingface_hub
   from huggingface_hub import constants
 
@@ -161,7 +162,7 @@ def _download(repo_id: str) -> str:
       repo_id, allow_patterns=[_CONFIG, "*.safetensors"], local_files_only=offline
     )
   except Exception as err:  # hub, HTTP and offline errors share no common base class
-    raise RuntimeError(
+    raise HubUnreachable(
       f"cannot fetch {repo_id!r}: the Hugging Face hub is unreachable or offline ({err}). "
       "Point --config.model.source=/path/to/local/dir at a local copy "
       f"(a directory with {_CONFIG} and {_WEIGHTS})."
@@ -233,7 +234,7 @@ def load_hf_vit(
     ``(model, {"params": params})`` with float32 parameters.
 
   Raises:
-    RuntimeError: If a hub repo id cannot be fetched (offline or unreachable hub).
+    HubUnreachable: If a hub repo id cannot be fetched (offline or unreachable hub).
     ValueError: On an unsupported config or a checkpoint that does not fit the model.
   """
   config_path, files = _resolve(source)
