@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -144,6 +145,11 @@ def save_adapter(
     bias: bias mode, as for :func:`optimizer`.
     metadata: JSON-serialisable data stored alongside, e.g. ``{"base_model": "..."}``.
 
+  Raises:
+    ValueError: if ``path`` exists, or two array paths would share one Orbax name.
+    TypeError: if ``metadata`` is not a mapping of str keys to JSON values.
+    NotADirectoryError: if a parent of ``path`` is a file.
+
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, lorax_fn as lora_fn
     >>> p = lora_fn.wrap({"k": jnp.ones((5, 7))}, rank=2, targets=("k",),
@@ -155,20 +161,73 @@ def save_adapter(
     True
   """
   arrays, config = adapter_state(params, trainable=trainable, bias=bias)
-  config["metadata"] = dict(metadata or {})
+  config["metadata"] = _check_metadata(metadata)
+  _check_orbax_names(arrays)
+  root = _writable_path(path)
   # Orbax reads some damaged array files back without an error; these catch that.
   config["checksums"] = {p: checksum(x) for p, x in arrays.items()}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     ckpt.save(
-      os.path.abspath(path),
+      root,
       args=ocp.args.Composite(
         adapter=ocp.args.StandardSave(_nest(arrays)), config=ocp.args.JsonSave(config)
       ),
     )
 
 
+def _resolve(path: str | os.PathLike) -> str:
+  """An absolute local path (``~`` expanded), or a URL such as ``gs://...`` as given."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _writable_path(path: str | os.PathLike) -> str:
+  root = _resolve(path)
+  if "://" not in root:
+    parent = os.path.dirname(root)
+    while parent and not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+      raise NotADirectoryError(
+        f"cannot save the adapter to {os.fspath(path)!r}: {parent!r} is a file, not a directory"
+      )
+  return root
+
+
+def _check_metadata(metadata: Any) -> dict[str, Any]:
+  if metadata is None:
+    return {}
+  if not isinstance(metadata, Mapping):
+    raise TypeError(f"metadata must be a mapping of str keys to JSON values; got: {metadata!r}")
+  for k, v in metadata.items():
+    if not isinstance(k, str):
+      raise TypeError(f"metadata keys must be str; got: {k!r}")
+    try:
+      json.dumps(v, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"metadata[{k!r}] must be JSON-serialisable; got: {v!r} ({e})") from e
+  return dict(metadata)
+
+
+def _check_orbax_names(arrays: Mapping[str, Any]) -> None:
+  """Orbax stores ``a/b.c`` and ``a.b/c`` under one name (``a.b.c``): refuse such pairs."""
+  seen: dict[str, str] = {}
+  for p in arrays:
+    name = p.replace("/", ".")
+    if name in seen:
+      raise ValueError(
+        f"the paths {seen[name]!r} and {p!r} would be stored under one Orbax name {name!r}; "
+        "rename one of the modules (a '.' in a module name meets a '/' elsewhere)"
+      )
+    seen[name] = p
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
   """The JSON record written by :func:`save_adapter` (LoRA leaves, extras, metadata).
+
+  Raises:
+    FileNotFoundError: if ``path`` does not exist.
+    ValueError: if ``path`` is not an adapter checkpoint or its record is damaged.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -203,7 +262,7 @@ def _first_line(e: BaseException) -> str:
 
 def _checkpoint_dir(path: str | os.PathLike, where: str) -> epath.Path:
   """The checkpoint directory, or a clear error when ``path`` is not one."""
-  root = epath.Path(os.path.abspath(path) if "://" not in os.fspath(path) else path)
+  root = epath.Path(_resolve(path))
   if not root.exists():
     raise FileNotFoundError(f"{where} does not exist")
   if not root.is_dir() or not (root / "config").is_dir() or not (root / "adapter").is_dir():
@@ -243,11 +302,8 @@ def check_adapter_config(
     ...
     ValueError: run A: LoRA leaf 'k' was saved with rank=2 but the model has rank=3.
   """
-  if saved.get("format") != _FORMAT:
-    raise ValueError(
-      f"{where} is not a lorax_fn adapter checkpoint (format "
-      f"{saved.get('format')!r}, expected {_FORMAT!r})."
-    )
+  _check_record(saved, where)
+  _check_record(current, "current")
   s_lora, c_lora = saved["lora"], current["lora"]
   if set(s_lora) != set(c_lora):
     raise ValueError(
@@ -267,11 +323,45 @@ def check_adapter_config(
       f"{where} holds fully trained leaves {sorted(saved['trainable'])} but the model "
       f"trains {sorted(current['trainable'])}."
     )
+  if set(saved["arrays"]) != set(current["arrays"]):
+    raise ValueError(
+      f"{where} holds arrays {sorted(saved['arrays'])[:8]} but the model has "
+      f"{sorted(current['arrays'])[:8]}."
+    )
   for p, spec in saved["arrays"].items():
     if spec != current["arrays"][p]:
       raise ValueError(
         f"{where}: {p!r} was saved with shape and dtype {spec} but the model has "
         f"{current['arrays'][p]}."
+      )
+
+
+_RECORD_KEYS = {"lora": dict, "trainable": list, "arrays": dict}
+_LEAF_KEYS = ("shape", "roles", "rank", "alpha", "rslora")
+
+
+def _check_record(record: Any, where: str) -> None:
+  """Raises ``ValueError`` unless ``record`` has the shape :func:`adapter_config` gives."""
+  if not isinstance(record, Mapping):
+    raise ValueError(
+      f"{where}: an adapter record must be a mapping from lorax_fn.adapter_config or "
+      f"read_adapter_config; got: {type(record).__name__}"
+    )
+  if record.get("format") != _FORMAT:
+    raise ValueError(
+      f"{where} is not a lorax_fn adapter checkpoint (format {record.get('format')!r}, "
+      f"expected {_FORMAT!r})."
+    )
+  for key, kind in _RECORD_KEYS.items():
+    if not isinstance(record.get(key), kind):
+      raise ValueError(
+        f"{where}: the adapter record's {key!r} must be a {kind.__name__}; got: "
+        f"{record.get(key)!r:.80} (keys: {sorted(record)})"
+      )
+  for p, leaf in record["lora"].items():
+    if not isinstance(leaf, Mapping) or any(k not in leaf for k in _LEAF_KEYS):
+      raise ValueError(
+        f"{where}: the record of LoRA leaf {p!r} must have keys {_LEAF_KEYS}; got: {leaf!r:.120}"
       )
 
 
@@ -298,7 +388,9 @@ def restore_adapter(
 
   Raises:
     ValueError: if the checkpoint's targets, ranks, alphas, layouts, shapes, extra leaves
-      or metadata differ from ``params``'.
+      or metadata differ from ``params``', if ``path`` is not an adapter checkpoint, or if
+      it is damaged (a file cannot be read, or an array's checksum differs: named).
+    FileNotFoundError: if ``path`` does not exist.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -317,7 +409,7 @@ def restore_adapter(
   saved = read_adapter_config(path)
   where = f"adapter checkpoint {os.fspath(path)!r}"
   check_adapter_config(saved, current, where)
-  for k, v in (metadata or {}).items():
+  for k, v in _check_metadata(metadata).items():
     if saved["metadata"].get(k) != v:
       raise ValueError(f"{where} has metadata {k}={saved['metadata'].get(k)!r}; expected {v!r}.")
   # Abstract targets: Orbax checks shapes and restores jax arrays with the model's shardings.

@@ -150,7 +150,9 @@ def infer_layouts(
     determined; pass it to :func:`wrap` as ``layouts=``.
 
   Raises:
-    ValueError: if a kernel is used with conflicting roles.
+    ValueError: if a kernel is used with conflicting roles, or ``fn`` uses no parameter of
+      2+ axes in a way that reveals its layout.
+    TypeError: if ``fn`` is not callable.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -160,27 +162,46 @@ def infer_layouts(
     >>> lora_fn.infer_layouts(fn, params, jnp.ones((2, 5)))
     {'w': ('stack', 'in', 'out')}
   """
+  if not callable(fn):
+    raise TypeError(f"fn must be callable, e.g. model.apply; got: {fn!r}")
   flat, treedef = jax.tree_util.tree_flatten_with_path(
     params, is_leaf=lambda x: is_lora(x) or is_quant(x)
   )
   paths = [_paths.path_str(p) for p, _ in flat]
-  arrays = [x.w if is_lora(x) else x for _, x in flat]
-  specs = [jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for x in arrays]
+  leaves = [x.w if is_lora(x) else x for _, x in flat]
+  # Arrays (and their abstract stand-ins) are traced; other leaves (a step count, a name)
+  # are passed through as they are.
+  dyn = [i for i, x in enumerate(leaves) if hasattr(x, "shape") and hasattr(x, "dtype")]
+  specs = [jax.ShapeDtypeStruct(tuple(leaves[i].shape), leaves[i].dtype) for i in dyn]
 
-  def flat_fn(*leaves: Any) -> Any:
-    return fn(jax.tree_util.tree_unflatten(treedef, leaves), *args, **kwargs)
+  def flat_fn(*arrays: Any) -> Any:
+    full = list(leaves)
+    for i, a in zip(dyn, arrays, strict=True):
+      full[i] = a
+    return fn(jax.tree_util.tree_unflatten(treedef, full), *args, **kwargs)
 
   closed = jax.make_jaxpr(flat_fn)(*specs)
-  rec = _Recorder(paths, [len(s.shape) for s in specs])
+  rec = _Recorder([paths[i] for i in dyn], [len(s.shape) for s in specs])
   tracked = {
-    v: (i, tuple((ax,) for ax in range(len(specs[i].shape))))
-    for i, v in enumerate(closed.jaxpr.invars[: len(specs)])
-    if len(specs[i].shape) >= 2
+    v: (j, tuple((ax,) for ax in range(len(specs[j].shape))))
+    for j, v in enumerate(closed.jaxpr.invars[: len(specs)])
+    if len(specs[j].shape) >= 2
   }
+  if not tracked:
+    raise ValueError(
+      f"infer_layouts: params hold no array of 2+ axes, so there is no layout to infer; got "
+      f"paths {paths[:8]}"
+    )
   _walk(closed.jaxpr, tracked, rec)
   out = {}
   for pid, roles in rec.roles.items():
     layout = _fmt(roles, rec.ndims[pid])
     if "?" not in layout and "in" in layout and "out" in layout:
-      out[paths[pid]] = layout
+      out[rec.paths[pid]] = layout
+  if not out:
+    raise ValueError(
+      "infer_layouts: fn used no parameter of 2+ axes in a matmul, convolution or lookup, so "
+      "no layout could be read; check that fn reads the params it is given, as "
+      "fn(params, *args)."
+    )
   return out

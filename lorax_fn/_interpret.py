@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lorax_fn import _jaxpr, _paths
+from lorax_fn import _jaxpr, _paths, _validate
 from lorax_fn._leaves import LoraLeaf, is_lora
 from lorax_fn._quant import QuantLeaf, QuantSlice, is_quant
 from lorax_fn._rules import (
@@ -378,7 +378,10 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
     True
     >>> y = apply(params, jnp.ones((3, 5)), dropout_key=jax.random.key(1))  # training
   """
+  if not callable(fn):
+    raise TypeError(f"fn must be callable, e.g. model.apply; got: {fn!r}")
   if key is not None:
+    _validate.prng_key("key", key)
     warnings.warn(
       "lorax_fn.lora(fn, key=k) is deprecated: it fixes the dropout key when the transform "
       "is built. Build it once and pass dropout_key=k to the transformed function.",
@@ -394,6 +397,8 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
     if not any(_is_node(x) for x in leaves):
       return fn(*args, **kwargs)
     _check_leaves((args, kwargs))
+    if dropout_key is not None:
+      _validate.prng_key("dropout_key", dropout_key)
     dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
     stand_ins = [_stand_in(leaves[i]) for i in dyn]
     closed, out_tree = _trace(fn, cache, leaves, treedef, dyn, stand_ins)

@@ -98,6 +98,22 @@ class LoraLeaf:
   rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
   dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
+  def __post_init__(self) -> None:
+    # Runs on every unflatten too: static fields only, which are cheap to check.
+    if not isinstance(self.roles, tuple) or any(r not in ROLES for r in self.roles):
+      raise ValueError(
+        f"LoraLeaf roles must be a tuple of {ROLES}, one per axis; got: {self.roles!r}"
+      )
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+      raise ValueError(f"LoraLeaf rank must be a positive int; got: {self.rank!r}")
+    alpha_ok = isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+    if not alpha_ok or not math.isfinite(self.alpha) or self.alpha <= 0:
+      raise ValueError(f"LoraLeaf alpha must be a positive finite number; got: {self.alpha!r}")
+    if not isinstance(self.rslora, bool):
+      raise TypeError(f"LoraLeaf rslora must be a bool; got: {self.rslora!r}")
+    if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoraLeaf dropout must be in [0, 1); got: {self.dropout!r}")
+
   @property
   def scale(self) -> float:
     """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
@@ -142,6 +158,12 @@ class LoraLeaf:
         f"LoRA leaf at {path!r} has no {' or '.join(missing)} (None): it is one half of "
         f"lorax_fn.split; combine it with the {half} half first: combine(trainable, frozen)."
       )
+    for name in ("w", "a", "b"):
+      x = getattr(self, name)
+      if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"LoRA leaf at {path!r}: {name} must be an array; got: {type(x).__name__}")
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"LoRA leaf at {path!r}: {name} must be a float array; got dtype {x.dtype}")
     if len(self.roles) != len(self.shape):
       raise ValueError(
         f"LoRA leaf at {path!r}: roles {self.roles} must name every axis of the base "

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from lorax_fn import _paths
-from lorax_fn._partition import combine, partition, trainable_mask
+from lorax_fn._leaves import is_lora
+from lorax_fn._partition import _is_mask_leaf, combine, partition, trainable_mask
 
 
 class LoraOptState(NamedTuple):
@@ -61,9 +62,18 @@ def optimizer(
   mask = trainable_mask(params, trainable=trainable, bias=bias)
 
   def init(params: Any) -> LoraOptState:
+    _check_like("params", params, mask)
     return LoraOptState(tx.init(partition(params, mask)[0]))
 
   def update(updates: Any, state: LoraOptState, params: Any = None) -> tuple[Any, LoraOptState]:
+    if not isinstance(state, LoraOptState):
+      raise TypeError(
+        "state must be the LoraOptState that this optimizer's init returned; got: "
+        f"{type(state).__name__}"
+      )
+    _check_like("updates", updates, mask)
+    if params is not None:
+      _check_like("params", params, mask)
     train_updates, frozen_updates = partition(updates, mask)
     train_params = None if params is None else partition(params, mask)[0]
     new_updates, inner = tx.update(train_updates, state.inner, train_params)
@@ -71,3 +81,30 @@ def optimizer(
     return combine(new_updates, zeros), LoraOptState(inner)
 
   return optax.GradientTransformation(init, update)
+
+
+def _check_like(what: str, tree: Any, mask: Any) -> None:
+  """Raises ``ValueError`` naming the first path where ``tree`` does not fit the optimizer."""
+  mask_flat = jax.tree_util.tree_flatten_with_path(mask, is_leaf=_is_mask_leaf)[0]
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or is_lora(x))[0]
+  expected = {_paths.path_str(p): m for p, m in mask_flat}
+  got = {_paths.path_str(p): x for p, x in flat}
+  missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+  if missing or extra:
+    raise ValueError(
+      f"{what} must have the structure of the params given to lorax_fn.optimizer; missing: "
+      f"{missing[:5]}, not expected: {extra[:5]}"
+    )
+  for path, m in expected.items():
+    x = got[path]
+    if is_lora(m) != is_lora(x):
+      kind = "a LoRA leaf" if is_lora(m) else "a plain leaf"
+      raise ValueError(
+        f"{what} at {path!r} must be {kind}, as in the params given to lorax_fn.optimizer; "
+        f"got: {type(x).__name__}"
+      )
+    if is_lora(m) and (m.rank, m.roles) != (x.rank, x.roles):
+      raise ValueError(
+        f"{what} at {path!r} has rank {x.rank} and layout {x.roles}; the optimizer was built "
+        f"for rank {m.rank} and layout {m.roles}"
+      )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
 
-from lorax_fn import _paths
+from lorax_fn import _paths, _validate
 from lorax_fn._leaves import is_lora
 
 _BIAS_MODES = ("none", "all", "lora_only")
@@ -28,9 +29,13 @@ def trainable_mask(
   ``bias`` says so: ``"all"`` trains every leaf named ``bias``, ``"lora_only"`` the biases
   beside a LoRA kernel.
 
+  ``trainable`` may also be a regex (it selects every leaf whose path it finds) or a
+  predicate ``(path, leaf) -> bool``.
+
   Raises:
-    ValueError: if ``bias`` is unknown, ``trainable`` matches nothing, or (unless
-      ``allow_empty``) nothing at all is trainable, e.g. an unwrapped tree was passed.
+    ValueError: if ``bias`` is unknown, a name in ``trainable`` (or the regex) matches
+      nothing, or (unless ``allow_empty``) nothing at all is trainable, e.g. an unwrapped
+      tree was passed.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -42,25 +47,25 @@ def trainable_mask(
   """
   if bias not in _BIAS_MODES:
     raise ValueError(f"bias must be one of {_BIAS_MODES}; got: {bias!r}")
+  allow_empty = _validate.boolean("allow_empty", allow_empty)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
   paths = [_paths.path_str(p) for p, _ in flat]
   lora_modules = {p.rsplit("/", 1)[0] for p, (_, x) in zip(paths, flat, strict=True) if is_lora(x)}
   match = _extra_matcher(trainable)
-  marks, selected = [], False
+  marks, hit_paths = [], []
   for path, (_, x) in zip(paths, flat, strict=True):
     if is_lora(x):
+      x.check(path)
       marks.append(dataclasses.replace(x, w=False, a=True, b=True))
       continue
     name, module = path.rsplit("/", 1)[-1], path.rsplit("/", 1)[0] if "/" in path else ""
     hit = match is not None and bool(match(path, x))
-    selected |= hit
+    if hit:
+      hit_paths.append(path)
     on = name == "bias" and (bias == "all" or (bias == "lora_only" and module in lora_modules))
     marks.append(hit or on)
-  if match is not None and not selected:
-    raise ValueError(
-      f"trainable {trainable!r} matched no parameter; nearest available paths: "
-      f"{_near(trainable, paths)}"
-    )
+  if match is not None:
+    _check_every_name(trainable, hit_paths, paths, lora_modules)
   if not allow_empty and not lora_modules and not any(marks):
     raise ValueError(
       "params hold no LoRA leaf and no trainable leaf, so nothing would be trained; pass the "
@@ -70,12 +75,44 @@ def trainable_mask(
 
 
 def _extra_matcher(trainable: Any) -> Any:
+  """Names select every leaf under a path component they name; a regex every leaf it finds."""
   if trainable is None:
     return None
   if isinstance(trainable, (list, tuple)) and all(isinstance(t, str) for t in trainable):
+    if not trainable:
+      raise ValueError(f"trainable must not be empty (None: no extra leaf); got: {trainable!r}")
     names = frozenset(trainable)
     return lambda path, leaf: any(p in names for p in path.split("/"))
-  return _paths.make_matcher(trainable)
+  if isinstance(trainable, (str, re.Pattern)):
+    if trainable in ("", re.compile("")):
+      raise ValueError("trainable must not be an empty regex (it would match every path)")
+    try:
+      regex = re.compile(trainable)
+    except re.error as e:
+      raise ValueError(f"trainable {trainable!r} is not a valid regular expression: {e}") from e
+    return lambda path, leaf: regex.search(path) is not None
+  return _paths.make_matcher(trainable, what="trainable")
+
+
+def _check_every_name(trainable: Any, hits: list[str], paths: list[str], lora: set[str]) -> None:
+  """Every name (or the one regex or predicate) must select a leaf that is not LoRA."""
+  names = trainable if isinstance(trainable, (list, tuple)) else [trainable]
+  for name in names:
+    if isinstance(name, str) and isinstance(trainable, (list, tuple)):
+      found = any(name in h.split("/") for h in hits)
+    else:
+      found = bool(hits)
+    if found:
+      continue
+    hint = ""
+    if isinstance(name, str) and "/" in name and isinstance(trainable, (list, tuple)):
+      hint = f" (names match single path components: for the path pass the regex {name!r})"
+    elif isinstance(name, str) and any(name in m.split("/") for m in lora):
+      hint = " (it selects only LoRA kernels, whose factors are always trained)"
+    raise ValueError(
+      f"trainable {name!r} matched no parameter{hint}; nearest available paths: "
+      f"{_near([name] if isinstance(name, str) else name, paths)}"
+    )
 
 
 def _near(trainable: Any, paths: list[str]) -> list[str]:
@@ -138,7 +175,7 @@ def partition(params: Any, mask: Any) -> tuple[Any, Any]:
 
 
 def combine(*trees: Any) -> Any:
-  """Merges trees from :func:`split`, taking the first non-``None`` value at each leaf.
+  """Merges trees from :func:`split`: each leaf is the one tree's value that is not ``None``.
 
   Args:
     *trees: trees of one structure, e.g. ``(trainable, frozen)`` from :func:`split`.
@@ -148,8 +185,8 @@ def combine(*trees: Any) -> Any:
 
   Raises:
     TypeError: if a tree is ``None`` or none is given.
-    ValueError: if the trees differ in structure, or their LoRA leaves differ in rank,
-      alpha, layout or options (halves of different wraps).
+    ValueError: if the trees differ in structure, two trees hold a value at one leaf, or
+      their LoRA leaves differ in rank, alpha, layout or options (halves of different wraps).
 
   Example:
     >>> import lorax_fn as lora_fn
@@ -182,10 +219,10 @@ def combine(*trees: Any) -> Any:
 
 def _first_difference(a: list[Any], b: list[Any]) -> str:
   pa, pb = [_paths.path_str(p) for p, _ in a], [_paths.path_str(p) for p, _ in b]
-  for x, y in zip(pa, pb, strict=False):  # lengths may differ: that is what is reported
-    if x != y:
-      return f"{x!r} in tree 0 where the other has {y!r}"
-  return f"{len(pa)} leaves in tree 0, {len(pb)} in the other"
+  only_a, only_b = [p for p in pa if p not in set(pb)], [p for p in pb if p not in set(pa)]
+  if only_a or only_b:
+    return f"only in tree 0: {only_a[:5]}, only in the other: {only_b[:5]}"
+  return "the same paths, with other node types"
 
 
 _STATIC = ("roles", "rank", "alpha", "rslora", "dropout")
@@ -194,7 +231,7 @@ _STATIC = ("roles", "rank", "alpha", "rslora", "dropout")
 def _first(path: str, xs: list[Any]) -> Any:
   loras = [x for x in xs if is_lora(x)]
   if not loras:
-    return next((x for x in xs if x is not None), None)
+    return _only(path, xs)
   if any(x is not None and not is_lora(x) for x in xs):
     raise ValueError(
       f"combine: at {path!r} one tree holds a LoRA leaf and another a plain array; the trees "
@@ -208,7 +245,16 @@ def _first(path: str, xs: list[Any]) -> Any:
         f"{field}={next(v for v in values if v != values[0])!r} in another; combine the halves "
         "of one wrap."
       )
-  fields = {
-    f: next((getattr(x, f) for x in loras if getattr(x, f) is not None), None) for f in "wab"
-  }
+  fields = {f: _only(f"{path}/{f}", [getattr(x, f) for x in loras]) for f in "wab"}
   return dataclasses.replace(loras[0], **fields)
+
+
+def _only(path: str, xs: list[Any]) -> Any:
+  """The one value that is not ``None`` (or ``None``); two values are an error."""
+  present = [x for x in xs if x is not None]
+  if len(present) > 1:
+    raise ValueError(
+      f"combine: more than one tree holds a value at {path!r}; pass the two halves of one "
+      "lorax_fn.split, whose leaves are disjoint."
+    )
+  return present[0] if present else None

@@ -9,6 +9,8 @@ from typing import Any
 
 import jax
 
+from lorax_fn import _validate
+
 # A target is a sequence of names, one regular expression, or a predicate.
 Targets = Sequence[str] | str | re.Pattern | Callable[[str, Any], bool]
 
@@ -116,7 +118,7 @@ def check_patterns(
 
 
 def make_matcher(
-  targets: Targets, kernel_names: Sequence[str] = KERNEL_NAMES
+  targets: Targets, kernel_names: Sequence[str] = KERNEL_NAMES, what: str = "targets"
 ) -> Callable[[str, Any], bool]:
   """Builds a ``(path, leaf) -> bool`` predicate from a target specification.
 
@@ -126,13 +128,16 @@ def make_matcher(
   A regex that matches the whole path selects that leaf whatever it is; one that matches
   only part of it (``"query|value"``) selects kernels only, as names do.
   """
-  if callable(targets):
+  if callable(targets) and not isinstance(targets, re.Pattern):
+    _validate.two_arg_callable(what, targets)
     return lambda path, leaf: bool(targets(path, leaf))
   if isinstance(targets, (str, re.Pattern)):
+    if targets in ("", re.compile("")):
+      raise ValueError(f"{what} must not be an empty regex (it would match every path)")
     try:
       regex = re.compile(targets) if isinstance(targets, str) else targets
     except re.error as e:
-      raise ValueError(f"targets {targets!r} is not a valid regular expression: {e}") from e
+      raise ValueError(f"{what} {targets!r} is not a valid regular expression: {e}") from e
 
     def match_regex(path: str, leaf: Any) -> bool:
       del leaf
@@ -144,11 +149,11 @@ def make_matcher(
     return match_regex
   if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
     raise TypeError(
-      "targets must be a sequence of names, a regex string or pattern, or a callable "
+      f"{what} must be a sequence of names, a regex string or pattern, or a callable "
       f"(path, leaf) -> bool; got: {targets!r}"
     )
   if not targets:
-    raise ValueError("targets must not be empty; got: ()")
+    raise ValueError(f"{what} must not be empty; got: {targets!r}")
   names = frozenset(targets)
   return lambda path, leaf: any(name_matches(n, path, kernel_names) for n in names)
 
@@ -182,8 +187,9 @@ def select(
     if isinstance(names, Sequence):
       for t in names:
         near += [p for p in nearest_paths(str(t), kernels) if p not in near]
+    hint = name_hint(targets[0], paths, kernel_names) if _is_names(targets) else ""
     raise ValueError(
-      f"targets {targets!r} matched no parameter; nearest available paths: "
+      f"targets {targets!r} matched no parameter{hint}; nearest available paths: "
       f"{near[:8] or list(kernels[:8])}"
     )
   if isinstance(targets, Sequence) and not isinstance(targets, str):
@@ -191,9 +197,29 @@ def select(
       if not any(name_matches(name, paths[i], kernel_names) for i in hits):
         raise ValueError(
           f"targets name {name!r} matched no parameter (every name must select at least one "
-          f"kernel); nearest available paths: {nearest_paths(name, kernels)}"
+          f"kernel){name_hint(name, paths, kernel_names)}; nearest available paths: "
+          f"{nearest_paths(name, kernels)}"
         )
   return hits
+
+
+def name_hint(name: str, paths: Sequence[str], kernel_names: Sequence[str]) -> str:
+  """Why a name selected nothing, when the reason is a common one."""
+  if "/" in name:
+    return (
+      f"; names match single path components: for the path itself pass the regex string {name!r}"
+    )
+  leaves = {p.rsplit("/", 1)[-1] for p in paths if name in p.split("/")[:-1]}
+  if leaves and not leaves & set(kernel_names):
+    return (
+      f"; the leaves under {name!r} are named {sorted(leaves)}, none of them in "
+      f"kernel_names={tuple(kernel_names)}"
+    )
+  return ""
+
+
+def _is_names(targets: Any) -> bool:
+  return isinstance(targets, Sequence) and not isinstance(targets, str) and len(targets) == 1
 
 
 def nearest_paths(target: str, paths: Sequence[str], n: int = 5) -> list[str]:
@@ -203,7 +229,7 @@ def nearest_paths(target: str, paths: Sequence[str], n: int = 5) -> list[str]:
     for comp in p.split("/"):
       by_component.setdefault(comp, p)
   near = difflib.get_close_matches(target, list(by_component), n=n, cutoff=0.5)
-  out = [by_component[c] for c in near]
+  out = list(dict.fromkeys(by_component[c] for c in near))
   out += [
     p for p in difflib.get_close_matches(target, list(paths), n=n, cutoff=0.3) if p not in out
   ]

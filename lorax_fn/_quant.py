@@ -355,8 +355,12 @@ def quantize(
 
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}; got: {kind!r}")
-  if not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1):
+  from lorax_fn import _validate
+
+  block_size = _validate.positive_int("block_size (a power of two)", block_size)
+  if block_size & (block_size - 1):
     raise ValueError(f"block_size must be a positive power of two; got: {block_size!r}")
+  double_quant = _validate.boolean("double_quant", double_quant)
   is_node = lambda x: is_lora(x) or is_quant(x)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
   paths = [_paths.path_str(p) for p, _ in flat]
@@ -371,6 +375,11 @@ def quantize(
       raise TypeError(
         f"the targeted leaf at {path!r} must be a float array; got: "
         f"{getattr(base, 'dtype', type(base).__name__)}"
+      )
+    if np.ndim(base) < 2:
+      raise ValueError(
+        f"the targeted leaf at {path!r} must have at least 2 axes (a kernel); got shape "
+        f"{np.shape(base)}"
       )
     q = quantize_array(base, kind, block_size=block_size, double_quant=double_quant)
     out[i] = dataclasses.replace(leaf, w=q) if is_lora(leaf) else q

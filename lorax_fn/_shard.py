@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lorax_fn import _paths
 from lorax_fn._leaves import LoraLeaf, factor_axes, is_lora
@@ -68,9 +68,20 @@ def make_mesh(axes: str | Mapping[str, int] | Sequence[tuple[str, int]], devices
       if not eq or not size.strip().lstrip("-").isdigit():
         raise ValueError(f"mesh must look like 'data=2,fsdp=4'; got: {axes!r}")
       pairs.append((name.strip(), int(size)))
+  elif isinstance(axes, Mapping):
+    pairs = list(axes.items())
+  elif isinstance(axes, Sequence) and all(
+    isinstance(p, (tuple, list)) and len(p) == 2 for p in axes
+  ):
+    pairs = [tuple(p) for p in axes]
   else:
-    pairs = list(axes.items() if isinstance(axes, Mapping) else axes)
+    raise TypeError(
+      "mesh axes must be a string like 'data=2,fsdp=4', a mapping {'data': 2} or a sequence of "
+      f"(name, size) pairs; got: {axes!r}"
+    )
   devices = list(jax.devices() if devices is None else devices)
+  if not devices:
+    raise ValueError("devices must not be empty (None: every device)")
   names = [n for n, _ in pairs]
   unknown = [n for n in names if n not in AXES]
   if unknown or len(set(names)) != len(names) or not pairs:
@@ -78,7 +89,8 @@ def make_mesh(axes: str | Mapping[str, int] | Sequence[tuple[str, int]], devices
       f"mesh axes must be distinct names from {AXES}; got: {names} in {_show(pairs)}"
     )
   sizes = [s for _, s in pairs]
-  if any(not isinstance(s, (int, np.integer)) or (s < 1 and s != -1) for s in sizes):
+  bad = [s for s in sizes if isinstance(s, bool) or not isinstance(s, (int, np.integer))]
+  if bad or any(s < 1 and s != -1 for s in sizes):
     raise ValueError(f"mesh axis sizes must be positive integers or -1; got: {_show(pairs)}")
   if sizes.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1; got: {_show(pairs)}")
@@ -107,8 +119,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     >>> lora_fn.batch_sharding(lora_fn.make_mesh("data=-1,fsdp=1")).spec
     P(('data', 'fsdp'),)
   """
+  _check_mesh(mesh)
   axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-  return NamedSharding(mesh, P(axes if axes else None))
+  if not axes:
+    raise ValueError(
+      f"the mesh has no 'data' or 'fsdp' axis (axes: {tuple(mesh.axis_names)}), so every device "
+      "would get the whole batch; add a data axis, e.g. make_mesh('data=-1,model=2')"
+    )
+  return NamedSharding(mesh, P(axes))
+
+
+def _check_mesh(mesh: Any) -> None:
+  if not isinstance(mesh, (Mesh, AbstractMesh)):
+    raise TypeError(
+      f"mesh must be a jax.sharding.Mesh (or AbstractMesh), e.g. lorax_fn.make_mesh('data=-1'); "
+      f"got: {mesh!r}"
+    )
 
 
 def _show(pairs: Sequence[tuple[str, int]]) -> str:
@@ -144,7 +170,9 @@ def _fsdp_spec(
   return P(*spec)
 
 
-def _compile_rule(pattern: str) -> re.Pattern:
+def _compile_rule(pattern: str | re.Pattern) -> re.Pattern:
+  if isinstance(pattern, re.Pattern):
+    return pattern
   try:
     return re.compile(pattern)
   except re.error as e:
@@ -156,6 +184,9 @@ def _check_spec(path: str, spec: PartitionSpec, shape: tuple[int, ...], mesh: Me
     raise ValueError(
       f"the partition spec for {path!r} has {len(spec)} entries; the leaf has shape {shape}"
     )
+  used = [a for entry in spec for a in _mesh_axes(entry)]
+  if len(set(used)) != len(used):
+    raise ValueError(f"the partition spec {spec} for {path!r} uses a mesh axis more than once")
   for dim, entry in zip(shape[: len(spec)], spec, strict=True):
     names = _mesh_axes(entry)
     for name in names:
@@ -234,12 +265,17 @@ def _quant_specs(
   )
 
 
+def _is_rule(r: Any) -> bool:
+  return isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], (str, re.Pattern))
+
+
 def _is_rules(rules: Any) -> bool:
-  return (
-    isinstance(rules, (list, tuple))
-    and bool(rules)
-    and all(isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str) for r in rules)
-  )
+  if _is_rule(rules) and (_is_spec(rules[1]) or rules[1] == "fsdp"):
+    raise TypeError(
+      f"rules must be a list of (regex, spec) pairs; got the single pair {rules!r}: put it "
+      "in a list"
+    )
+  return isinstance(rules, (list, tuple)) and bool(rules) and all(_is_rule(r) for r in rules)
 
 
 def partition_specs(
@@ -285,6 +321,9 @@ def partition_specs(
     >>> specs["w"].w, specs["w"].a, specs["w"].b, specs["bias"]
     (P('fsdp', 'model'), P(None, 'fsdp'), P(None, 'model'), P())
   """
+  _check_mesh(mesh)
+  if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+    raise ValueError(f"min_size must be a non-negative int; got: {min_size!r}")
   is_node = lambda x: is_lora(x) or is_quant(x)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
   paths = [_paths.path_str(p) for p, _ in flat]

@@ -29,6 +29,10 @@ def summary(params: Any, *, trainable: _paths.Targets | None = None, bias: str =
     The text, e.g. ``trainable params: 70 || all params: 140 || trainable%: 50.0000``
     then the table.
 
+  Raises:
+    ValueError: if nothing in ``params`` is trained (an unwrapped tree), or ``trainable``
+      matches nothing.
+
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
     >>> p = lora_fn.wrap({"dense": {"kernel": jnp.ones((5, 7))}}, rank=2,
@@ -38,7 +42,7 @@ def summary(params: Any, *, trainable: _paths.Targets | None = None, bias: str =
     path          shape   layout      rank  alpha  params
     dense/kernel  (5, 7)  (in, out)      2    2.0      24
   """
-  mask = trainable_mask(params, trainable=trainable, bias=bias, allow_empty=True)
+  mask = trainable_mask(params, trainable=trainable, bias=bias)
   # A quantised base counts as the parameters it stands for, as PEFT counts 4-bit weights.
   total = sum(_size(x) for x in jax.tree.leaves(params, is_leaf=is_quant))
   on = sum(_size(x) for x in jax.tree.leaves(partition(params, mask)[0]))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_fn import _paths
+from lorax_fn import _paths, _validate
 from lorax_fn._leaves import ROLES, Layout, LoraLeaf, factor_shapes, is_lora
 from lorax_fn._quant import is_quant
 
@@ -37,7 +37,8 @@ def default_layout(path: str, shape: Sequence[int]) -> Layout:
   ``layouts=`` or infer it with :func:`lorax_fn.infer_layouts`.
 
   Raises:
-    ValueError: if the layout is ambiguous.
+    ValueError: if the layout is ambiguous or the shape has fewer than 2 axes.
+    TypeError: if ``path`` is not a str or ``shape`` not a tuple of ints.
 
   Example:
     >>> import lorax_fn as lora_fn
@@ -46,9 +47,15 @@ def default_layout(path: str, shape: Sequence[int]) -> Layout:
     >>> lora_fn.default_layout("stem/kernel", (16, 16, 3, 768))
     ('in', 'in', 'in', 'out')
   """
+  if not isinstance(path, str):
+    raise TypeError(f"path must be a '/'-joined str such as 'dense/kernel'; got: {path!r}")
+  if not isinstance(shape, Sequence) or not all(isinstance(d, (int, np.integer)) for d in shape):
+    raise TypeError(f"shape must be a tuple of ints; got: {shape!r}")
   parts = path.split("/")
   module = parts[-2] if len(parts) > 1 else ""
   ndim = len(shape)
+  if ndim < 2:
+    raise ValueError(f"LoRA needs a kernel of at least 2 axes; {path!r} has shape {tuple(shape)}")
   if ndim == 2:
     return ("in", "out")
   if module in _ATTN_IN and ndim in (3, 4):
@@ -66,8 +73,12 @@ def default_layout(path: str, shape: Sequence[int]) -> Layout:
 
 
 def _check_layout(path: str, shape: Sequence[int], layout: Any) -> Layout:
-  layout = tuple(layout)
-  if len(layout) != len(shape) or any(r not in ROLES for r in layout):
+  layout = tuple(layout) if isinstance(layout, Sequence) and not isinstance(layout, str) else layout
+  if (
+    not isinstance(layout, tuple)
+    or len(layout) != len(shape)
+    or any(r not in ROLES for r in layout)
+  ):
     raise ValueError(
       f"layout for {path!r} must give one of {ROLES} for each of the {len(shape)} axes "
       f"of shape {tuple(shape)}; got: {layout!r}"
@@ -161,30 +172,36 @@ def wrap(
   """
   if init not in _INITS:
     raise ValueError(f"init must be one of {_INITS}; got: {init!r}")
-  if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-    raise ValueError(f"dropout must be in [0, 1); got: {dropout!r}")
-  _check_rank("rank", rank)
-  _check_alpha("alpha", alpha)
-  if not isinstance(rslora, bool):
-    raise TypeError(f"rslora must be a bool; got: {rslora!r}")
-  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"dtype of the factors must be a float dtype; got: {dtype!r}")
+  dropout = _validate.rate("dropout", dropout)
+  rank = _validate.positive_int("rank", rank)
+  if alpha is not None:
+    alpha = _validate.positive_number("alpha", alpha, " (or None: alpha = rank)")
+  rslora = _validate.boolean("rslora", rslora)
+  dtype = _validate.float_dtype("dtype of the factors", dtype)
+  _validate.prng_key("key", key)
+  if isinstance(kernel_names, str) or not all(isinstance(n, str) for n in kernel_names):
+    raise TypeError(f"kernel_names must be a sequence of leaf names; got: {kernel_names!r}")
   flat, treedef = _flatten(params)
   paths = [p for p, _ in flat]
   selected = _paths.select(targets, paths, [x for _, x in flat], kernel_names)
   targeted = [paths[i] for i in selected]
   matrices = [p for p, x in flat if np.ndim(x.w if is_lora(x) else x) >= 2 or is_quant(x)]
   layouts = _paths.check_patterns("layouts", layouts, paths, matrices, "parameter of 2+ axes")
+  for k, v in layouts.items():
+    if isinstance(v, str) or not isinstance(v, Sequence):
+      raise ValueError(f"layouts[{k!r}] must give one of {ROLES} per kernel axis; got: {v!r}")
   rank_pattern = _paths.check_patterns(
     "rank_pattern", rank_pattern, paths, targeted, "targeted parameter"
   )
   alpha_pattern = _paths.check_patterns(
     "alpha_pattern", alpha_pattern, paths, targeted, "targeted parameter"
   )
-  for k, v in rank_pattern.items():
-    _check_rank(f"rank_pattern[{k!r}]", v)
-  for k, v in alpha_pattern.items():
-    _check_alpha(f"alpha_pattern[{k!r}]", v)
+  rank_pattern = {
+    k: _validate.positive_int(f"rank_pattern[{k!r}]", v) for k, v in rank_pattern.items()
+  }
+  alpha_pattern = {
+    k: _validate.positive_number(f"alpha_pattern[{k!r}]", v) for k, v in alpha_pattern.items()
+  }
   keys = jax.random.split(key, len(selected))
   out = [leaf for _, leaf in flat]
   for k, i in zip(keys, selected, strict=True):
@@ -202,21 +219,6 @@ def wrap(
       layout=_paths.lookup_pattern(layouts, path),
     )
   return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _check_rank(what: str, rank: Any) -> None:
-  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
-    raise ValueError(f"{what} must be a positive int; got: {rank!r}")
-
-
-def _check_alpha(what: str, alpha: Any) -> None:
-  if alpha is None:
-    return
-  ok = isinstance(alpha, (int, float, np.number)) and not isinstance(alpha, bool)
-  if not ok or not math.isfinite(alpha) or alpha <= 0:
-    raise ValueError(
-      f"{what} must be a positive finite number (or None: alpha = rank); got: {alpha!r}"
-    )
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -285,8 +287,13 @@ def merge(params: Any, *, dtype: Any = None) -> Any:
     True
   """
 
-  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"merge dtype must be a float dtype (or None: each base's); got: {dtype!r}")
+  dtype = _validate.float_dtype("merge dtype (None: each base's)", dtype)
+  is_node = lambda x: is_lora(x) or is_quant(x)
+  if not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
+    raise ValueError(
+      "merge: params hold no LoRA or quantised leaf, so there is nothing to merge; pass the "
+      "tree returned by lorax_fn.wrap."
+    )
 
   def one(path: Any, x: Any) -> Any:
     if is_lora(x):
@@ -294,7 +301,7 @@ def merge(params: Any, *, dtype: Any = None) -> Any:
       return x.merged(dtype)
     return x.dequantize(dtype) if is_quant(x) else x
 
-  return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: is_lora(x) or is_quant(x))
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_node)
 
 
 def unwrap(params: Any) -> Any:
@@ -307,7 +314,20 @@ def unwrap(params: Any) -> Any:
     >>> lora_fn.unwrap(p)["k"] is base["k"]
     True
   """
-  return jax.tree.map(lambda x: x.w if is_lora(x) else x, params, is_leaf=is_lora)
+
+  def one(path: Any, x: Any) -> Any:
+    if not is_lora(x):
+      return x
+    if x.w is None:
+      raise ValueError(
+        f"unwrap: the LoRA leaf at {_paths.path_str(path)!r} has no base w (None): it is the "
+        "trainable half of lorax_fn.split; unwrap(combine(trainable, frozen))."
+      )
+    return x.w
+
+  if not any(is_lora(x) for x in jax.tree.leaves(params, is_leaf=is_lora)):
+    raise ValueError("unwrap: params hold no LoRA leaf; pass the tree returned by lorax_fn.wrap.")
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_lora)
 
 
 def lora_paths(params: Any) -> dict[str, LoraLeaf]:
