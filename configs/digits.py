@@ -11,16 +11,16 @@ fine-tuning and a linear probe (head only) trained with the same budget.
 from __future__ import annotations
 
 import os
-import sys
+import runpy
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vit_food101
+# The Food-101 config is the base; loaded by path, as --config loads this file.
+_BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vit_food101.py"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = vit_food101.get_config(arg)
+  config = _BASE["get_config"](arg)
   config.workdir = "runs/digits"
   config.model.source = "pretrain:digits"  # pre-train the base here on digits 0-4
   config.model.preset.update(

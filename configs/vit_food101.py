@@ -81,5 +81,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 10
   config.export_merged = False
   config.compare_baselines = False  # also train full fine-tuning and a linear probe
-  config.debug_kill_at_step = -1  # tests: SIGKILL the run after this step
   return config

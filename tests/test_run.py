@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -30,6 +33,8 @@ def _write_folder(root):
 
 
 _ENV = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+# tests/run_killed.py imports run.py's module, as a notebook would.
+_KILL_ENV = dict(_ENV, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "train"), ROOT]))
 
 
 def _command(workdir, data, *extra):
@@ -68,12 +73,38 @@ def _run(workdir, data, *extra, check=True):
   return proc
 
 
+def _run_killed(workdir, data, last_step, *extra):
+  """The same run, killed with SIGKILL before it trains step ``last_step + 1``."""
+  cmd = _command(workdir, data, *extra)
+  cmd[1:2] = [os.path.join(ROOT, "tests", "run_killed.py"), str(last_step)]
+  return subprocess.run(cmd, capture_output=True, text=True, env=_KILL_ENV, timeout=600)
+
+
+def _assert_user_error(proc, match):
+  """Exit status 2 and one paragraph on stderr that matches; no traceback anywhere."""
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 2, out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and re.search(match, last), proc.stderr[-3000:]
+  assert proc.stderr.strip().split("\n\n")[-1] == last  # the message is one paragraph
+
+
 def _final_state(workdir):
+  """The last checkpoint's arrays by their tree paths ("opt_state/inner/1/0/mu/...")."""
   import orbax.checkpoint as ocp
 
   ckpt = os.path.join(workdir, "checkpoints")
   last = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
-  return last, ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(last), "state"))
+  state = ocp.StandardCheckpointer().restore(os.path.join(ckpt, str(last), "state"))
+  flat = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      walk(v, f"{prefix}{k}/") if isinstance(v, dict) else flat.setdefault(prefix + k, v)
+
+  walk(state, "")
+  return last, flat
 
 
 def _records(workdir):
@@ -91,7 +122,7 @@ def runs(tmp_path_factory):
   data = root / "food"
   _write_folder(data)
   full = _run(root / "full", data)
-  killed = _run(root / "killed", data, "--config.debug_kill_at_step=5", check=False)
+  killed = _run_killed(root / "killed", data, 5)
   resumed = _run(root / "killed", data)
   return root, data, full, killed, resumed
 
@@ -118,8 +149,51 @@ def test_killed_run_resumes_bit_identical(runs):
   step_b, b = _final_state(root / "killed")
   assert step_a == step_b == 8
   assert sorted(a) == sorted(b)
+  assert "opt_state/inner/1/0/mu/params/head/kernel" in a  # keyed by tree path
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes(runs, tmp_path):
+  """A file of the newest checkpoint cut short (a full disk): resume from the one before."""
+  root, data, _, _, _ = runs
+  work = tmp_path / "w"
+  shutil.copytree(root / "full", work)
+  files = glob.glob(str(work / "checkpoints" / "8" / "state" / "**" / "d" / "*"), recursive=True)
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  proc = _run(work, data)
+  assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+  assert f"checkpoint step 8 in {work}/checkpoints is damaged (" in proc.stdout
+  assert f"moved it to {work}/checkpoints_damaged/8" in proc.stdout
+  assert "resumed from the checkpoint at step 6" in proc.stdout
+  assert os.path.isdir(work / "checkpoints_damaged" / "8")
+  (_, a), (step, b) = _final_state(root / "full"), _final_state(work)
+  assert step == 8 and sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def test_digits_with_three_classes_trains_in_process(tmp_path):
+  """A head of as many outputs as classes asked for (it took the pre-training head's five)."""
+  sys.path.insert(0, os.path.join(ROOT, "train"))
+  import run as run_lib
+
+  import lorax_fn as lora_fn
+
+  config = run_lib.load_config_file(os.path.join(ROOT, "configs", "digits.py"))
+  config.workdir = str(tmp_path / "w")
+  config.data.classes = (5, 6, 7)
+  config.model.preset.update(dict(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32))
+  config.model.pretrain_epochs, config.epochs, config.compare_baselines = 1, 1, False
+  result = run_lib.train_and_evaluate(config)
+  assert result["step"] == 12 and not result["interrupted"]
+  assert 0 < result["best_accuracy"] <= 1
+  saved = lora_fn.read_adapter_config(result["best_adapter"])
+  assert saved["metadata"]["class_names"] == ["5", "6", "7"]
+  assert np.load(tmp_path / "w" / "best_eval_logits.npy").shape[1] == 3
+  assert os.path.getsize(result["curves"]) > 1000
 
 
 def test_best_adapter_is_small_and_reproduces_eval(runs):
@@ -167,17 +241,54 @@ def test_best_adapter_is_small_and_reproduces_eval(runs):
 def test_resume_with_other_rank_is_an_error(runs):
   root, data, _, _, _ = runs
   proc = _run(root / "full", data, "--config.lora.rank=3", check=False)
-  assert proc.returncode != 0
-  assert "was saved with rank=2 but the model has rank=3" in proc.stderr
+  _assert_user_error(proc, r"was saved with rank=2 but the model has rank=3")
 
 
 def test_unknown_config_key_lists_valid_keys(tmp_path):
   proc = _run(tmp_path / "w", tmp_path, "--config.lora.rnak=3", check=False)
-  assert proc.returncode != 0
-  assert (
+  _assert_user_error(
+    proc,
     "unknown config key 'lora.rnak'; valid keys under lora: alpha, dropout, rank, rslora, "
-    "targets, trainable"
-  ) in proc.stderr
+    "targets, trainable",
+  )
+
+
+@pytest.mark.parametrize(
+  ("extra", "match"),
+  [
+    (("--config.optim.lr=-0.003",), r"config\.optim\.lr must be a finite number > 0; got: -0\.003"),
+    (("--config.keep_checkpoints=0",), r"config\.keep_checkpoints must be an integer >= 1"),
+    (
+      ("--config.batch_size=100000",),
+      r"config\.batch_size 100000 is larger than the 19 training examples",
+    ),
+    (
+      ("--config.lora.targets=('query', 'vaule')",),
+      r"targets name 'vaule' matched no parameter .*nearest available paths",
+    ),
+  ],
+  ids=["negative_lr", "no_checkpoint_kept", "batch_larger_than_data", "target_matches_nothing"],
+)
+def test_user_error_is_one_paragraph_and_exit_status_2(runs, tmp_path, extra, match):
+  _, data, _, _, _ = runs
+  _assert_user_error(_run(tmp_path / "w", data, *extra, check=False), match)
+
+
+def test_digits_data_path_is_an_error_and_debug_shows_the_traceback(tmp_path):
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "train", "run.py"),
+    "--config",
+    os.path.join(ROOT, "configs", "digits.py"),
+    f"--config.workdir={tmp_path / 'w'}",
+    "--config.data.path=/nonexistent",
+  ]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=_ENV, timeout=300)
+  _assert_user_error(proc, r"config\.data\.path must be '' for the digits data")
+  env = dict(_ENV, LORAX_FN_DEBUG="1")
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 1 and "Traceback" in proc.stderr
+  assert "errors.ConfigError: invalid config: config.data.path" in proc.stderr
 
 
 def test_config_overrides_apply():
@@ -196,7 +307,7 @@ def test_non_finite_loss_stops_the_run(tmp_path):
   proc = _run(
     tmp_path / "w", data, "--config.optim.lr=1e30", "--config.optim.grad_clip=1e30", check=False
   )
-  assert proc.returncode != 0
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert "the loss is not finite" in proc.stderr and "stopping" in proc.stderr
 
 
@@ -226,9 +337,7 @@ def test_sigint_saves_and_resumes(tmp_path):
   assert proc.returncode == 130, err[-2000:]
   step = int((out + err).split("interrupted at step ")[1].split(":")[0])
   assert os.path.isdir(work / "checkpoints" / str(step))
-  resumed = _run(
-    work, data, "--config.epochs=40", "--config.debug_kill_at_step=" + str(step + 1), check=False
-  )
+  resumed = _run_killed(work, data, step + 1, "--config.epochs=40")
   assert f"resumed from the checkpoint at step {step}" in resumed.stdout
 
 
@@ -302,7 +411,6 @@ def test_batch_that_does_not_split_over_the_mesh_is_an_error(tmp_path):
   env = dict(_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   cmd = _command(tmp_path / "w", tmp_path / "none", "--config.mesh=data=4", "--config.batch_size=6")
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-  assert proc.returncode != 0
-  assert "batch_size 6 must divide evenly over the mesh's data x fsdp = 4 batch shards" in (
-    proc.stderr
+  _assert_user_error(
+    proc, r"batch_size 6 must divide evenly over the mesh's data x fsdp = 4 batch shards"
   )
