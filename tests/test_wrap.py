@@ -362,7 +362,8 @@ def test_pattern_keys_apply_in_order_and_only_where_they_match():
 def test_merge_errors():
   p = lora_fn.wrap(_params(), rank=2, targets=("mlp",), key=K(0))
   with pytest.raises(
-    TypeError, match=r"merge dtype \(None: each base.s\) must be a float dtype; got: <class .jax.numpy.int8.>"
+    TypeError,
+    match=r"merge dtype \(None: each base.s\) must be a float dtype; got: <class .jax.numpy.int8.>",
   ):
     lora_fn.merge(p, dtype=jnp.int8)
   leaf = p["enc"]["mlp"]["kernel"]
