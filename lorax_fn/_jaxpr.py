@@ -20,7 +20,9 @@ import jax
 import jax.extend.core as jex
 
 Literal = jex.Literal
-DropVar = jex.DropVar
+# jax.extend.core has DropVar from JAX 0.10; before that only jax.core has it (which warns
+# from 0.10 on).
+DropVar = getattr(jex, "DropVar", None) or jax.core.DropVar
 
 # Call-like primitives whose body is inlined, and the param holding the body.
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr"}

@@ -107,7 +107,10 @@ def make_mesh(axes: str | Mapping[str, int] | Sequence[tuple[str, int]], devices
       "make the sizes multiply to the device count, or give one axis -1"
     )
   return jax.make_mesh(
-    tuple(int(s) for s in sizes), tuple(names), (AxisType.Auto,) * len(names), devices=devices
+    tuple(int(s) for s in sizes),
+    tuple(names),
+    axis_types=(AxisType.Auto,) * len(names),  # keyword-only before JAX 0.7
+    devices=devices,
   )
 
 
@@ -116,8 +119,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
   Example:
     >>> import jax, lorax_fn as lora_fn
-    >>> lora_fn.batch_sharding(lora_fn.make_mesh("data=-1,fsdp=1")).spec
-    P(('data', 'fsdp'),)
+    >>> tuple(lora_fn.batch_sharding(lora_fn.make_mesh("data=-1,fsdp=1")).spec)
+    (('data', 'fsdp'),)
   """
   _check_mesh(mesh)
   axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
@@ -135,6 +138,11 @@ def _check_mesh(mesh: Any) -> None:
       f"mesh must be a jax.sharding.Mesh (or AbstractMesh), e.g. lorax_fn.make_mesh('data=-1'); "
       f"got: {mesh!r}"
     )
+
+
+def _show_spec(spec: PartitionSpec) -> str:
+  """``P('fsdp', None)`` on every JAX version (before 0.9.1 its repr was ``PartitionSpec(...)``)."""
+  return "P" + repr(tuple(spec))
 
 
 def _show(pairs: Sequence[tuple[str, int]]) -> str:
@@ -186,19 +194,21 @@ def _check_spec(path: str, spec: PartitionSpec, shape: tuple[int, ...], mesh: Me
     )
   used = [a for entry in spec for a in _mesh_axes(entry)]
   if len(set(used)) != len(used):
-    raise ValueError(f"the partition spec {spec} for {path!r} uses a mesh axis more than once")
+    raise ValueError(
+      f"the partition spec {_show_spec(spec)} for {path!r} uses a mesh axis more than once"
+    )
   for dim, entry in zip(shape[: len(spec)], spec, strict=True):
     names = _mesh_axes(entry)
     for name in names:
       if name not in mesh.shape:
         raise ValueError(
-          f"the partition spec {spec} for {path!r} uses mesh axis {name!r}; the mesh has "
-          f"axes {tuple(mesh.axis_names)}"
+          f"the partition spec {_show_spec(spec)} for {path!r} uses mesh axis {name!r}; the "
+          f"mesh has axes {tuple(mesh.axis_names)}"
         )
     n = math.prod(mesh.shape[a] for a in names)
     if dim % n:
       raise ValueError(
-        f"the partition spec {spec} for {path!r} splits an axis of size {dim} over "
+        f"the partition spec {_show_spec(spec)} for {path!r} splits an axis of size {dim} over "
         f"{'*'.join(names)}={n}, which does not divide it (shape {shape})"
       )
 
@@ -318,8 +328,8 @@ def partition_specs(
     >>> params = {"w": jnp.ones((256, 128)), "bias": jnp.zeros(128)}
     >>> params = lora_fn.wrap(params, rank=4, targets=("w",), key=jax.random.key(0))
     >>> specs = lora_fn.partition_specs(params, [("w", P("fsdp", "model"))], mesh=mesh)
-    >>> specs["w"].w, specs["w"].a, specs["w"].b, specs["bias"]
-    (P('fsdp', 'model'), P(None, 'fsdp'), P(None, 'model'), P())
+    >>> [tuple(s) for s in (specs["w"].w, specs["w"].a, specs["w"].b, specs["bias"])]
+    [('fsdp', 'model'), (None, 'fsdp'), (None, 'model'), ()]
   """
   _check_mesh(mesh)
   if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
