@@ -104,15 +104,14 @@ class Writer:
 
   def plot(self, path: str) -> None:
     """Train loss and eval accuracy / macro-F1 against the step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure without pyplot: no backend switch, so a notebook's inline plots keep working.
+    from matplotlib.figure import Figure
 
     rec = self.records()
     train = [(r["step"], r["loss"]) for r in rec if r["split"] == "train" and "loss" in r]
     evals = [(r["step"], r["accuracy"], r["macro_f1"]) for r in rec if r["split"] == "eval"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     if train:
       s, l = zip(*sorted(dict(train).items()), strict=True)
       ax1.plot(s, l, lw=1)
@@ -125,7 +124,6 @@ class Writer:
     ax2.set(xlabel="step", ylabel="eval", title="evaluation", ylim=(0, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
   def close(self) -> None:
     if self.tb is not None:

@@ -104,6 +104,26 @@ def load_base(config: Any, num_classes: int, workdir: str) -> tuple[Any, Any]:
   return model.clone(remat=config.model.remat, dtype=dtype), variables
 
 
+def wrap_base(config: Any, model: Any, base: Any) -> Any:
+  """The base's variables with LoRA adapters on ``config.lora.targets`` (fresh A, B = 0).
+
+  Restore a trained adapter onto it with ``lora_fn.restore_adapter(workdir/best_adapter,
+  wrap_base(...), trainable=config.lora.trainable)``.
+  """
+  size = config.data.image_size
+  layouts = lora_fn.infer_layouts(model.apply, base, jnp.zeros((1, size, size, 3)))
+  return lora_fn.wrap(
+    base,
+    rank=config.lora.rank,
+    alpha=config.lora.alpha,
+    targets=tuple(config.lora.targets),
+    dropout=config.lora.dropout,
+    rslora=config.lora.rslora,
+    layouts=layouts,
+    key=jax.random.key(config.seed + 1),
+  )
+
+
 def init_distributed(config: Any) -> None:
   """``jax.distributed.initialize`` for a multi-process run; call before any other JAX call."""
   env = os.environ
@@ -282,18 +302,7 @@ def train_and_evaluate(config: Any) -> dict[str, Any]:
 
     # ------------------------------------------------------------------------------ Model
     model, base = load_base(config, num_classes, workdir)
-    size = config.data.image_size
-    layouts = lora_fn.infer_layouts(model.apply, base, jnp.zeros((1, size, size, 3)))
-    params = lora_fn.wrap(
-      base,
-      rank=config.lora.rank,
-      alpha=config.lora.alpha,
-      targets=tuple(config.lora.targets),
-      dropout=config.lora.dropout,
-      rslora=config.lora.rslora,
-      layouts=layouts,
-      key=jax.random.key(config.seed + 1),
-    )
+    params = wrap_base(config, model, base)
     trainable_spec = tuple(config.lora.trainable)
     if is_main:
       print(lora_fn.summary(params, trainable=trainable_spec))
