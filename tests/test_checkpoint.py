@@ -194,3 +194,59 @@ def test_a_directory_that_is_not_an_adapter_checkpoint_is_named(tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(ValueError, match=r"found: a file"):
     lora_fn.read_adapter_config(tmp_path / "file")
+
+
+SAVE_ERRORS = [
+  (
+    "metadata_not_mapping",
+    dict(metadata="toy-model"),
+    TypeError,
+    r"metadata must be a mapping of str keys to JSON values; got: 'toy-model'",
+  ),
+  ("metadata_int_key", dict(metadata={1: "x"}), TypeError, r"metadata keys must be str; got: 1"),
+  (
+    "metadata_numpy_value",
+    dict(metadata={"lr": np.float32(1e-3)}),
+    TypeError,
+    r"metadata\['lr'\] must be JSON-serialisable; got: np.float32\(0.001\)",
+  ),
+  (
+    "metadata_nan",
+    dict(metadata={"loss": float("nan")}),
+    TypeError,
+    r"metadata\['loss'\] must be JSON-serialisable",
+  ),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, exc, regex", SAVE_ERRORS, ids=[e[0] for e in SAVE_ERRORS])
+def test_save_errors(tmp_path, name, kwargs, exc, regex):
+  with pytest.raises(exc, match=regex):
+    lora_fn.save_adapter(tmp_path / "a", _params(), **kwargs)
+  assert not os.listdir(tmp_path), "nothing is written before the checks pass"
+
+
+def test_paths_orbax_would_store_under_one_name_are_refused(tmp_path):
+  base = {
+    "layer.0": {"query": {"kernel": jnp.ones((5, 7))}},
+    "layer": {"0.query": {"kernel": jnp.ones((5, 7))}},
+  }
+  p = lora_fn.wrap(base, rank=2, targets=("query", "0.query"), key=K(0))
+  with pytest.raises(
+    ValueError,
+    match=r"the paths 'layer/0.query/kernel/a' and 'layer.0/query/kernel/a' would be stored "
+    r"under one Orbax name 'layer.0.query.kernel.a'",
+  ):
+    lora_fn.save_adapter(tmp_path / "a", p)
+
+
+def test_a_file_in_the_path_and_home_relative_paths(tmp_path, monkeypatch):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(NotADirectoryError, match=r"'.*file' is a file, not a directory"):
+    lora_fn.save_adapter(tmp_path / "file" / "adapter", _params())
+  monkeypatch.setenv("HOME", str(tmp_path))
+  lora_fn.save_adapter("~/adapter", _params())
+  assert (tmp_path / "adapter" / "config").is_dir()
+  assert lora_fn.read_adapter_config("~/adapter")["lora"]
+  with pytest.raises(TypeError, match=r"metadata must be a mapping"):
+    lora_fn.restore_adapter("~/adapter", _params(), metadata="toy")
