@@ -161,6 +161,11 @@ def _truncate(step_dir):
     f.truncate(os.path.getsize(path) // 2)
 
 
+def _empty(step_dir):  # a disk that filled up before the data reached it
+  with open(_largest_file(step_dir), "r+b") as f:
+    f.truncate(0)
+
+
 def _flip_bytes(step_dir):
   path = pathlib.Path(_largest_file(step_dir))
   data = bytearray(path.read_bytes())
@@ -184,11 +189,12 @@ def _change_checksum(step_dir):
   ("damage", "reason"),
   [
     (_truncate, r"ValueError: .*"),
+    (_empty, r".+"),  # Orbax may raise a bare Exception here
     (_flip_bytes, r".+"),  # a decoding error, or an array that no longer matches its sha256
     (_break_json, r"JSONDecodeError: .*"),
     (_change_checksum, r"array opt_state/inner/1/0/nu/head does not match its checksum"),
   ],
-  ids=["truncated_file", "flipped_bytes", "unreadable_json", "checksum_mismatch"],
+  ids=["truncated_file", "empty_file", "flipped_bytes", "unreadable_json", "checksum_mismatch"],
 )
 def test_damaged_latest_step_is_moved_aside_and_the_previous_restored(tmp_path, damage, reason):
   ckpt_dir = tmp_path / "checkpoints"

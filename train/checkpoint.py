@@ -42,15 +42,8 @@ class DamagedCheckpoint(Exception):
 
 
 def _name(entry: Any) -> str:
-  if isinstance(entry, jax.tree_util.DictKey):
-    return str(entry.key)
-  if isinstance(entry, jax.tree_util.GetAttrKey):
-    return entry.name
-  if isinstance(entry, jax.tree_util.SequenceKey):
-    return str(entry.idx)
-  if isinstance(entry, jax.tree_util.FlattenedIndexKey):
-    return str(entry.key)
-  raise TypeError(f"unsupported tree path entry {entry!r}")
+  """One tree-path entry as a name: a dict key, a field name or a sequence index."""
+  return jax.tree_util.keystr((entry,), simple=True)
 
 
 def leaf_paths(tree: Any) -> list[tuple[Names, Any]]:
@@ -173,7 +166,7 @@ def read_step(path: epath.Path) -> tuple[dict[str, Any], dict[Names, np.ndarray]
   try:
     meta = ocp.JsonCheckpointHandler().restore(path / "meta", args=ocp.args.JsonRestore())
     arrays = _read_arrays(path / "state")
-  except (ValueError, FileNotFoundError) as e:  # JSON, UTF-8 and TensorStore errors included
+  except Exception as e:  # JSON, UTF-8, TensorStore errors, and Orbax's bare Exceptions
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise DamagedCheckpoint(f"{type(e).__name__}: {first_line[:200]}") from e
   if not isinstance(meta, dict):
