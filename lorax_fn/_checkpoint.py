@@ -88,6 +88,7 @@ def adapter_state(
   for (path, leaf), mark in zip(flat, marks, strict=True):
     p = _paths.path_str(path)
     if is_lora(leaf):
+      leaf.check(p)  # a half of split has no w (or no a, b) to record
       arrays[f"{p}/a"], arrays[f"{p}/b"] = leaf.a, leaf.b
       lora[p] = {
         "shape": list(leaf.shape),
@@ -205,7 +206,9 @@ def _check_metadata(metadata: Any) -> dict[str, Any]:
     try:
       json.dumps(v, allow_nan=False)
     except (TypeError, ValueError) as e:
-      raise TypeError(f"metadata[{k!r}] must be JSON-serialisable; got: {v!r} ({e})") from e
+      raise TypeError(
+        f"metadata[{k!r}] must be JSON-serialisable; got: {v!r} of type {type(v).__name__} ({e})"
+      ) from e
   return dict(metadata)
 
 
@@ -244,7 +247,9 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
   try:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
       config = ckpt.restore(root, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  except Exception as e:  # Orbax raises bare Exceptions too; all mean the same here
+  except _NOT_DAMAGE:
+    raise
+  except Exception as e:  # Orbax raises bare Exceptions for unreadable files
     raise ValueError(
       f"{where} is damaged: its record {os.fspath(root / 'config')!r} cannot be read "
       f"({type(e).__name__}: {_first_line(e)})"
@@ -254,6 +259,10 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
       f"{where} is not a lorax_fn adapter checkpoint (its record is {config!r:.200})"
     )
   return config
+
+
+# Errors that say something other than "this file is damaged": a bug, no memory, no access.
+_NOT_DAMAGE = (AttributeError, NameError, ImportError, MemoryError, PermissionError)
 
 
 def _first_line(e: BaseException) -> str:
@@ -420,7 +429,9 @@ def restore_adapter(
       loaded = ckpt.restore(
         root, args=ocp.args.Composite(adapter=ocp.args.StandardRestore(target))
       )["adapter"]
-  except Exception as e:  # Orbax raises bare Exceptions too; all mean the same here
+  except _NOT_DAMAGE:
+    raise
+  except Exception as e:  # Orbax raises bare Exceptions for unreadable files
     raise ValueError(
       f"{where} is damaged: its arrays in {os.fspath(root / 'adapter')!r} cannot be read "
       f"({type(e).__name__}: {_first_line(e)})"

@@ -101,12 +101,15 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[int, AxisMap]], rec: _Recorder) -
         first[0], first[1], ["in" if i in collapsed else "out" for i in range(len(first[1]))]
       )
     elif name in _jaxpr.CALLS or name in _jaxpr.CUSTOM_CALLS:
-      _walk_sub(_jaxpr.call_body(eqn).jaxpr, ins, rec)
+      outs = _walk_sub(_jaxpr.call_body(eqn).jaxpr, ins, rec)
+      tracked.update(_follow(eqn.outvars, outs))
     elif name == _jaxpr.REMAT:
-      _walk_sub(_jaxpr.remat_params(eqn).jaxpr, ins, rec)
+      outs = _walk_sub(_jaxpr.remat_params(eqn).jaxpr, ins, rec)
+      tracked.update(_follow(eqn.outvars, outs))
     elif name == _jaxpr.COND:
       for br in _jaxpr.cond_branches(eqn):
-        _walk_sub(br.jaxpr, ins[1:], rec)
+        outs = _walk_sub(br.jaxpr, ins[1:], rec)
+      tracked.update(_follow(eqn.outvars, outs))  # a kernel passed through: the same in each
     elif name == _jaxpr.WHILE:
       w = _jaxpr.while_params(eqn)
       consts = ins[w.cond_nconsts : w.cond_nconsts + w.body_nconsts]
@@ -124,8 +127,16 @@ def _walk(jaxpr: Any, tracked: dict[Any, tuple[int, AxisMap]], rec: _Recorder) -
       _walk_sub(sp.body.jaxpr, body_ins, rec)
 
 
-def _walk_sub(jaxpr: Any, ins: list[Any], rec: _Recorder) -> None:
-  _walk(jaxpr, {v: t for v, t in zip(jaxpr.invars, ins, strict=True) if t}, rec)
+def _walk_sub(jaxpr: Any, ins: list[Any], rec: _Recorder) -> list[Any]:
+  """Walks a sub-jaxpr; returns what each of its outputs carries (``None``: no kernel)."""
+  tracked = {v: t for v, t in zip(jaxpr.invars, ins, strict=True) if t}
+  _walk(jaxpr, tracked, rec)
+  return [None if _jaxpr.is_literal(v) else tracked.get(v) for v in jaxpr.outvars]
+
+
+def _follow(outvars: list[Any], outs: list[Any]) -> dict[Any, Any]:
+  """The call's outputs that carry a kernel (a kernel passed through ``jit``, a custom rule)."""
+  return {v: t for v, t in zip(outvars, outs, strict=True) if t and not _jaxpr.is_dropped(v)}
 
 
 def infer_layouts(

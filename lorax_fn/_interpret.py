@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -380,6 +381,11 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
   """
   if not callable(fn):
     raise TypeError(f"fn must be callable, e.g. model.apply; got: {fn!r}")
+  if "dropout_key" in _parameters(fn):
+    raise TypeError(
+      "fn has a parameter named dropout_key, which the transformed function takes for LoRA "
+      "dropout and would never pass on; rename fn's parameter"
+    )
   if key is not None:
     _validate.prng_key("key", key)
     warnings.warn(
@@ -408,6 +414,13 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
     return jax.tree_util.tree_unflatten(out_tree, [_concrete(o) for o in outs])
 
   return wrapped
+
+
+def _parameters(fn: Callable[..., Any]) -> set[str]:
+  try:
+    return set(inspect.signature(fn).parameters)
+  except (TypeError, ValueError):  # no signature to read (some builtins)
+    return set()
 
 
 def _trace(fn, cache, leaves, treedef, dyn, stand_ins):

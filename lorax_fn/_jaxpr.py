@@ -28,7 +28,11 @@ DropVar = getattr(jex, "DropVar", None) or jax.core.DropVar
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr"}
 # Custom-derivative calls: the interpreter keeps them (their rule must survive), while
 # ``infer_layouts`` looks through them.
-CUSTOM_CALLS = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
+CUSTOM_CALLS = {
+  "custom_jvp_call": "call_jaxpr",
+  "custom_vjp_call": "call_jaxpr",
+  "custom_vjp_call_jaxpr": "fun_jaxpr",  # the name before JAX 0.7
+}
 REMAT = "remat2"
 SCAN = "scan"
 COND = "cond"

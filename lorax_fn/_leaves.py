@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from lorax_fn import _validate
+
 Layout = tuple[str, ...]
 """Role of each axis of a kernel: ``"in"`` (contracted with the input), ``"out"`` or ``"stack"``."""
 
@@ -104,15 +106,10 @@ class LoraLeaf:
       raise ValueError(
         f"LoraLeaf roles must be a tuple of {ROLES}, one per axis; got: {self.roles!r}"
       )
-    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-      raise ValueError(f"LoraLeaf rank must be a positive int; got: {self.rank!r}")
-    alpha_ok = isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
-    if not alpha_ok or not math.isfinite(self.alpha) or self.alpha <= 0:
-      raise ValueError(f"LoraLeaf alpha must be a positive finite number; got: {self.alpha!r}")
-    if not isinstance(self.rslora, bool):
-      raise TypeError(f"LoraLeaf rslora must be a bool; got: {self.rslora!r}")
-    if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"LoraLeaf dropout must be in [0, 1); got: {self.dropout!r}")
+    _validate.positive_int("LoraLeaf rank", self.rank)
+    _validate.positive_number("LoraLeaf alpha", self.alpha)
+    _validate.boolean("LoraLeaf rslora", self.rslora)
+    _validate.rate("LoraLeaf dropout", self.dropout)
 
   @property
   def scale(self) -> float:

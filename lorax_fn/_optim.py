@@ -89,6 +89,8 @@ def _check_like(what: str, tree: Any, mask: Any) -> None:
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or is_lora(x))[0]
   expected = {_paths.path_str(p): m for p, m in mask_flat}
   got = {_paths.path_str(p): x for p, x in flat}
+  # A None is a gap of split's halves; the optimizer built from a half has the gap too.
+  got = {p: x for p, x in got.items() if x is not None or p in expected}
   missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
   if missing or extra:
     raise ValueError(
@@ -107,4 +109,28 @@ def _check_like(what: str, tree: Any, mask: Any) -> None:
       raise ValueError(
         f"{what} at {path!r} has rank {x.rank} and layout {x.roles}; the optimizer was built "
         f"for rank {m.rank} and layout {m.roles}"
+      )
+  if what == "updates":
+    _check_split_form(expected, got)
+
+
+def _check_split_form(expected: dict[str, Any], got: dict[str, Any]) -> None:
+  """Gradients of ``split``'s trainable half must have ``None`` exactly where it is frozen.
+
+  Otherwise ``split`` and the optimizer were given different ``trainable=``, and a leaf one
+  of them trains would silently never change.
+  """
+  plain = [p for p, m in expected.items() if not is_lora(m)]
+  if not any(got[p] is None for p in plain):
+    return  # the full gradient tree: frozen leaves have gradients, which are dropped
+  for p in plain:
+    if expected[p] and got[p] is None:
+      raise ValueError(
+        f"updates at {p!r} is None, but the optimizer trains that leaf: give split() the "
+        "same trainable= (and bias=) as lorax_fn.optimizer"
+      )
+    if not expected[p] and got[p] is not None:
+      raise ValueError(
+        f"updates at {p!r} has a gradient, but the optimizer does not train that leaf: give "
+        "split() the same trainable= (and bias=) as lorax_fn.optimizer"
       )

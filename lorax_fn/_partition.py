@@ -55,7 +55,6 @@ def trainable_mask(
   marks, hit_paths = [], []
   for path, (_, x) in zip(paths, flat, strict=True):
     if is_lora(x):
-      x.check(path)
       marks.append(dataclasses.replace(x, w=False, a=True, b=True))
       continue
     name, module = path.rsplit("/", 1)[-1], path.rsplit("/", 1)[0] if "/" in path else ""
@@ -213,7 +212,7 @@ def combine(*trees: Any) -> Any:
       )
     for col, (_, x) in zip(columns, other, strict=True):
       col.append(x)
-  out = [_first(_paths.path_str(p), xs) for (p, _), xs in zip(flat, columns, strict=True)]
+  out = [_first(p, xs) for (p, _), xs in zip(flat, columns, strict=True)]
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -228,33 +227,34 @@ def _first_difference(a: list[Any], b: list[Any]) -> str:
 _STATIC = ("roles", "rank", "alpha", "rslora", "dropout")
 
 
-def _first(path: str, xs: list[Any]) -> Any:
+def _first(keys: Any, xs: list[Any]) -> Any:
+  """The merged leaf at tree path ``keys`` (formatted only for an error message)."""
   loras = [x for x in xs if is_lora(x)]
   if not loras:
-    return _only(path, xs)
+    return _only(keys, "", xs)
   if any(x is not None and not is_lora(x) for x in xs):
     raise ValueError(
-      f"combine: at {path!r} one tree holds a LoRA leaf and another a plain array; the trees "
-      "come from different wraps (other targets)."
+      f"combine: at {_paths.path_str(keys)!r} one tree holds a LoRA leaf and another a plain "
+      "array; the trees come from different wraps (other targets)."
     )
   for field in _STATIC:
     values = [getattr(x, field) for x in loras]
     if any(v != values[0] for v in values):
       raise ValueError(
-        f"combine: the LoRA leaf at {path!r} has {field}={values[0]!r} in one tree and "
-        f"{field}={next(v for v in values if v != values[0])!r} in another; combine the halves "
-        "of one wrap."
+        f"combine: the LoRA leaf at {_paths.path_str(keys)!r} has {field}={values[0]!r} in one "
+        f"tree and {field}={next(v for v in values if v != values[0])!r} in another; combine "
+        "the halves of one wrap."
       )
-  fields = {f: _only(f"{path}/{f}", [getattr(x, f) for x in loras]) for f in "wab"}
+  fields = {f: _only(keys, f"/{f}", [getattr(x, f) for x in loras]) for f in "wab"}
   return dataclasses.replace(loras[0], **fields)
 
 
-def _only(path: str, xs: list[Any]) -> Any:
+def _only(keys: Any, field: str, xs: list[Any]) -> Any:
   """The one value that is not ``None`` (or ``None``); two values are an error."""
   present = [x for x in xs if x is not None]
   if len(present) > 1:
     raise ValueError(
-      f"combine: more than one tree holds a value at {path!r}; pass the two halves of one "
-      "lorax_fn.split, whose leaves are disjoint."
+      f"combine: more than one tree holds a value at {_paths.path_str(keys) + field!r}; pass "
+      "the two halves of one lorax_fn.split, whose leaves are disjoint."
     )
   return present[0] if present else None

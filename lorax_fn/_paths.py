@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -45,29 +47,57 @@ def path_str(path: Sequence[Any]) -> str:
   return "/".join(names)
 
 
+def _module(path: str) -> str:
+  return path.rsplit("/", 1)[0] if "/" in path else path
+
+
 def matches_pattern(pattern: str, path: str) -> bool:
   """True if ``pattern`` (a name or regex) matches ``path`` or a suffix of it.
 
   Like PEFT's ``rank_pattern`` keys: ``"query"`` matches ``"enc/0/query/kernel"``
   through its module path ``"enc/0/query"``; a full regex may match the whole path.
   """
-  module = path.rsplit("/", 1)[0] if "/" in path else path
-  for candidate in (path, module):
-    if re.fullmatch(rf"(?:.*/)?(?:{pattern})", candidate):
-      return True
-  return False
+  return _suffix_regex(pattern).fullmatch(path) is not None or (
+    _suffix_regex(pattern).fullmatch(_module(path)) is not None
+  )
 
 
-def lookup_pattern(patterns: Mapping[str, Any] | None, path: str) -> Any:
-  """Value of the first key of ``patterns`` (exact path first) matching ``path``."""
-  if not patterns:
-    return None
-  if path in patterns:
-    return patterns[path]
-  for key, value in patterns.items():
-    if matches_pattern(key, path):
-      return value
-  return None
+@functools.lru_cache(maxsize=4096)
+def _suffix_regex(pattern: str) -> re.Pattern:
+  return re.compile(rf"(?:.*/)?(?:{pattern})")
+
+
+# The collection of a Flax variables dict that holds the parameters: keys of a tree that
+# holds ``params`` (from ``infer_layouts(model.apply, {"params": p}, x)``) start with it.
+PARAMS_COLLECTION = "params"
+
+
+@dataclasses.dataclass(frozen=True)
+class Patterns:
+  """Checked ``{key: value}`` patterns (``rank_pattern``, ``layouts``, ...).
+
+  A key that is a path matches that path only; any other key is a regex matching a path or a
+  suffix of it (as PEFT's ``rank_pattern``). An exact path wins, then the first regex in the
+  order given.
+  """
+
+  exact: dict[str, Any] = dataclasses.field(default_factory=dict)
+  regexes: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
+
+  def lookup(self, path: str) -> Any:
+    """The value for ``path``, or ``None``."""
+    if path in self.exact:
+      return self.exact[path]
+    return next((v for key, v in self.regexes if matches_pattern(key, path)), None)
+
+  def items(self) -> list[tuple[str, Any]]:
+    return [*self.exact.items(), *self.regexes]
+
+  def map(self, fn: Callable[[str, Any], Any]) -> Patterns:
+    """The same keys with values ``fn(key, value)`` (e.g. checked and converted)."""
+    return Patterns(
+      {k: fn(k, v) for k, v in self.exact.items()}, [(k, fn(k, v)) for k, v in self.regexes]
+    )
 
 
 def check_patterns(
@@ -76,44 +106,48 @@ def check_patterns(
   paths: Sequence[str],
   candidates: Sequence[str],
   among: str = "parameter",
-) -> dict[str, Any]:
-  """Validates ``{pattern: value}`` keys: each must be a regex matching one of ``candidates``.
+) -> Patterns:
+  """Validates ``{pattern: value}``: every key must match one of ``candidates``.
 
-  A key that names a path of a larger tree holding this one (``"params/dense/kernel"``
-  from ``infer_layouts(model.apply, {"params": p}, x)``, for a tree ``p`` with
-  ``"dense/kernel"``) is re-keyed to the path it names. ``candidates`` are the paths a key
-  may apply to (the targets, for ``rank_pattern``; ``among`` names them in the message);
-  ``paths`` are all paths.
-
-  Returns:
-    The patterns, re-keyed where needed, in their original order.
+  A key that is a path of the tree, or of a Flax variables dict holding it as ``params``
+  (``"params/dense/kernel"`` for a tree with ``"dense/kernel"``, as
+  ``infer_layouts(model.apply, {"params": p}, x)`` returns), names that path exactly. Any
+  other key must be a valid regex. ``candidates`` are the paths a key may apply to (the
+  targets, for ``rank_pattern``; ``among`` names them in the message); ``paths`` are all.
 
   Raises:
     TypeError: if ``patterns`` is not a mapping with string keys.
     ValueError: if a key is not a valid regex or matches none of ``candidates``.
   """
+  out = Patterns()
   if patterns is None:
-    return {}
+    return out
   if not isinstance(patterns, Mapping) or not all(isinstance(k, str) for k in patterns):
     raise TypeError(
       f"{what} must be a mapping from path patterns (str) to values; got: {patterns!r}"
     )
-  out: dict[str, Any] = {}
-  known = set(paths)
+  known, allowed = set(paths), set(candidates)
+  prefix = PARAMS_COLLECTION + "/"
   for key, value in patterns.items():
+    path = key if key in known else None
+    if path is None and key.startswith(prefix) and key[len(prefix) :] in known:
+      path = key[len(prefix) :]
+    if path is not None:
+      if path not in allowed:
+        raise ValueError(
+          f"{what} key {key!r} matches no {among}; nearest: {nearest_paths(key, list(candidates))}"
+        )
+      out.exact.setdefault(path, value)  # the first key for a path wins
+      continue
     try:
       re.compile(key)
     except re.error as e:
       raise ValueError(f"{what} key {key!r} is not a valid regular expression: {e}") from e
-    parts = key.split("/")
-    if key not in known and not any(matches_pattern(key, p) for p in paths):
-      tails = ("/".join(parts[i:]) for i in range(1, len(parts)))
-      key = next((t for t in tails if t in known), key)
-    if not any(key == p or matches_pattern(key, p) for p in candidates):
+    if not any(matches_pattern(key, p) for p in candidates):
       raise ValueError(
         f"{what} key {key!r} matches no {among}; nearest: {nearest_paths(key, list(candidates))}"
       )
-    out[key] = value
+    out.regexes.append((key, value))
   return out
 
 

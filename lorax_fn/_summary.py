@@ -42,6 +42,9 @@ def summary(params: Any, *, trainable: _paths.Targets | None = None, bias: str =
     path          shape   layout      rank  alpha  params
     dense/kernel  (5, 7)  (in, out)      2    2.0      24
   """
+  for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]:
+    if is_lora(x):
+      x.check(_paths.path_str(path))  # a half of split has no w (or no a, b) to count
   mask = trainable_mask(params, trainable=trainable, bias=bias)
   # A quantised base counts as the parameters it stands for, as PEFT counts 4-bit weights.
   total = sum(_size(x) for x in jax.tree.leaves(params, is_leaf=is_quant))

@@ -70,19 +70,24 @@ def float_dtype(what: str, value: Any) -> Any:
 
 
 def prng_key(what: str, value: Any) -> Any:
-  """One PRNG key: a typed key of shape ``()`` or a raw ``uint32[2]`` key."""
+  """One PRNG key: a typed key of shape ``()``, or a raw ``uint32`` key of the default PRNG."""
   dtype = getattr(value, "dtype", None)
   if dtype is not None:
     shape = np.shape(value)
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
       if shape == ():
         return value
-    elif np.dtype(dtype) == np.uint32 and shape == (2,):
+    elif np.dtype(dtype) == np.uint32 and shape == _raw_key_shape():
       return value
   got = (
     f"an array of shape {np.shape(value)} and dtype {dtype}" if dtype is not None else repr(value)
   )
   raise TypeError(f"{what} must be one PRNG key, e.g. jax.random.key(0); got: {got}")
+
+
+def _raw_key_shape() -> tuple[int, ...]:
+  """The shape of a raw ``uint32`` key of the default PRNG (``(2,)`` threefry, ``(4,)`` rbg)."""
+  return tuple(jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape)
 
 
 def two_arg_callable(what: str, fn: Callable[..., Any]) -> None:

@@ -196,12 +196,10 @@ def wrap(
   alpha_pattern = _paths.check_patterns(
     "alpha_pattern", alpha_pattern, paths, targeted, "targeted parameter"
   )
-  rank_pattern = {
-    k: _validate.positive_int(f"rank_pattern[{k!r}]", v) for k, v in rank_pattern.items()
-  }
-  alpha_pattern = {
-    k: _validate.positive_number(f"alpha_pattern[{k!r}]", v) for k, v in alpha_pattern.items()
-  }
+  rank_pattern = rank_pattern.map(lambda k, v: _validate.positive_int(f"rank_pattern[{k!r}]", v))
+  alpha_pattern = alpha_pattern.map(
+    lambda k, v: _validate.positive_number(f"alpha_pattern[{k!r}]", v)
+  )
   keys = jax.random.split(key, len(selected))
   out = [leaf for _, leaf in flat]
   for k, i in zip(keys, selected, strict=True):
@@ -210,13 +208,13 @@ def wrap(
       k,
       path,
       leaf,
-      rank=_or(_paths.lookup_pattern(rank_pattern, path), rank),
-      alpha=_or(_paths.lookup_pattern(alpha_pattern, path), alpha),
+      rank=_or(rank_pattern.lookup(path), rank),
+      alpha=_or(alpha_pattern.lookup(path), alpha),
       init=init,
       dtype=dtype,
       rslora=rslora,
       dropout=dropout,
-      layout=_paths.lookup_pattern(layouts, path),
+      layout=layouts.lookup(path),
     )
   return jax.tree_util.tree_unflatten(treedef, out)
 

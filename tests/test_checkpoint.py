@@ -208,7 +208,7 @@ SAVE_ERRORS = [
     "metadata_numpy_value",
     dict(metadata={"lr": np.float32(1e-3)}),
     TypeError,
-    r"metadata\['lr'\] must be JSON-serialisable; got: np.float32\(0.001\)",
+    r"metadata\['lr'\] must be JSON-serialisable; got: .*0.001.* of type float32",
   ),
   (
     "metadata_nan",

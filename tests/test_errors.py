@@ -266,6 +266,28 @@ CASES = [
     TypeError,
     r"state must be the LoraOptState that this optimizer's init returned; got: ",
   ),
+  (
+    "opt_split_without_head",
+    lambda: lora_fn.optimizer(optax.sgd(0.1), _wrapped(), trainable=("head",)).update(
+      lora_fn.split(_wrapped())[0],
+      lora_fn.optimizer(optax.sgd(0.1), _wrapped(), trainable=("head",)).init(_wrapped()),
+    ),
+    ValueError,
+    r"updates at 'head/bias' is None, but the optimizer trains that leaf: give split\(\) the "
+    r"same trainable=",
+  ),
+  (
+    "opt_split_with_extra_head",
+    lambda: _tx().update(lora_fn.split(_wrapped(), trainable=("head",))[0], _tx().init(_wrapped())),
+    ValueError,
+    r"updates at 'head/bias' has a gradient, but the optimizer does not train that leaf",
+  ),
+  (
+    "lora_fn_with_dropout_key",
+    lambda: lora_fn.lora(lambda p, x, dropout_key=None: x),
+    TypeError,
+    r"fn has a parameter named dropout_key, which the transformed function takes",
+  ),
   # summary / checkpoints of half trees
   (
     "summary_unwrapped",
@@ -464,3 +486,16 @@ def test_a_trainable_regex_selects_every_leaf_it_finds():
     True,
     False,
   )
+
+
+def test_the_optimizer_accepts_the_trainable_half():
+  trainable = lora_fn.split(_wrapped())[0]
+  tx = lora_fn.optimizer(optax.sgd(0.1), trainable)
+  updates, _ = tx.update(trainable, tx.init(trainable))
+  assert updates["dense"]["kernel"].a.shape == (2, 5)
+
+
+def test_raw_keys_of_the_default_prng_are_valid():
+  leaf = lora_fn.wrap(_base(), rank=2, targets=("dense",), key=jax.random.PRNGKey(0))
+  out = lora_fn.lora(_apply)(leaf, jnp.ones((3, 5)), dropout_key=jax.random.PRNGKey(1))
+  assert out.shape == (3, 7)

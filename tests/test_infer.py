@@ -105,3 +105,17 @@ def test_layouts_of_a_larger_tree_still_name_a_missing_kernel():
     ValueError, match=r"layouts key 'params/ScanBlock_0/Dense_9/kernel' matches no parameter"
   ):
     lora_fn.wrap(p, rank=2, targets=("Dense_0",), layouts=layouts, key=K(2))
+
+
+def test_layouts_are_read_through_a_custom_vjp():
+  @jax.custom_vjp
+  def clip_grad(w):
+    return w
+
+  clip_grad.defvjp(lambda w: (w, None), lambda _, g: (jnp.clip(g, -1.0, 1.0),))
+  layouts = lora_fn.infer_layouts(
+    lambda p, x: jnp.einsum("bi,sio->bso", x, clip_grad(p["w"])),
+    {"w": jnp.ones((3, 5, 7))},
+    jnp.ones((2, 5)),
+  )
+  assert layouts == {"w": ("out", "in", "out")}

@@ -374,3 +374,24 @@ def test_merge_errors():
     r"\(2, 5\) and b of shape \(2, 11\); got a \(2, 11\) and b \(2, 5\)",
   ):
     lora_fn.merge(swapped)
+
+
+def test_layout_keys_that_are_paths_match_exactly():
+  base = {
+    "Dense_0": {"kernel": jnp.ones((5, 7))},
+    "Block": {"Dense_0": {"kernel": jnp.ones((3, 5, 7))}},
+    "blk[1": {"kernel": jnp.ones((3, 5, 7))},  # a path that is not a valid regex
+  }
+  layouts = {
+    "params/Block/Dense_0/kernel": ("stack", "in", "out"),
+    "params/blk[1/kernel": ("stack", "in", "out"),
+  }
+  p = lora_fn.wrap(base, rank=2, targets=("Dense_0", "blk[1"), layouts=layouts, key=K(0))
+  assert p["Block"]["Dense_0"]["kernel"].roles == ("stack", "in", "out")
+  assert p["blk[1"]["kernel"].roles == ("stack", "in", "out")
+  assert p["Dense_0"]["kernel"].roles == ("in", "out")  # the default, not the Block one
+  # Only the params collection's prefix is dropped: a typo in a module name is an error.
+  with pytest.raises(ValueError, match=r"layouts key 'Blok/Dense_0/kernel' matches no parameter"):
+    lora_fn.wrap(
+      base, rank=2, targets=("Dense_0",), layouts={"Blok/Dense_0/kernel": ("in", "out")}, key=K(0)
+    )
