@@ -6,7 +6,7 @@ and the optimizer state created sharded (``lorax_fn.state_shardings``). Bytes ar
 each device's addressable shards: the largest device is reported, and its ratio to one
 device. ``data=8`` (pure data parallelism) and an NF4 (QLoRA) base are shown for comparison.
 
-    python benchmarks/sharding.py
+    PYTHONPATH=train python benchmarks/sharding.py
 """
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train"))
-import vit
+try:
+  import vit  # train/vit.py: run with PYTHONPATH=train
+except ImportError as e:
+  raise SystemExit(
+    "run from the repository root as: PYTHONPATH=train python benchmarks/sharding.py"
+  ) from e
 
 import lorax_fn as lora_fn
 

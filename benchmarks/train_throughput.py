@@ -4,23 +4,25 @@ The LoRA step is the one ``train/run.py`` runs (``lorax_fn.lora`` + ``split``/``
 ``lorax_fn.optimizer``, donated state); full fine-tuning is AdamW on every parameter. The
 variants alternate round by round; medians are printed.
 
-    python benchmarks/train_throughput.py [--rounds 5] [--batch 8]
+    PYTHONPATH=train python benchmarks/train_throughput.py [--rounds 5] [--batch 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
-import sys
 
 import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train"))
-import vit
+try:
+  import vit  # train/vit.py: run with PYTHONPATH=train
+except ImportError as e:
+  raise SystemExit(
+    "run from the repository root: PYTHONPATH=train python benchmarks/train_throughput.py"
+  ) from e
 from _timing import interleaved
 
 import lorax_fn as lora_fn

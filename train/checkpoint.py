@@ -142,7 +142,8 @@ def _read_arrays(path: epath.Path) -> dict[Names, np.ndarray]:
   """
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    tree = handler.metadata(path).tree
+    metadata = handler.metadata(path)
+    tree = getattr(metadata, "tree", metadata)  # orbax < 0.11.x returned the tree itself
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return flatten(handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=args)))
   finally:
@@ -152,6 +153,10 @@ def _read_arrays(path: epath.Path) -> dict[Names, np.ndarray]:
 def is_positional(arrays: Mapping[Names, Any]) -> bool:
   """True for the earlier layout: ``{"00000": leaf, ...}`` by position."""
   return bool(arrays) and all(len(p) == 1 and len(p[0]) == 5 and p[0].isdigit() for p in arrays)
+
+
+# Errors that say something other than "this step is damaged": a bug, no memory, no access.
+_NOT_DAMAGE = (AttributeError, NameError, ImportError, MemoryError, PermissionError)
 
 
 def read_step(path: epath.Path) -> tuple[dict[str, Any], dict[Names, np.ndarray]]:
@@ -166,6 +171,8 @@ def read_step(path: epath.Path) -> tuple[dict[str, Any], dict[Names, np.ndarray]
   try:
     meta = ocp.JsonCheckpointHandler().restore(path / "meta", args=ocp.args.JsonRestore())
     arrays = _read_arrays(path / "state")
+  except _NOT_DAMAGE:
+    raise
   except Exception as e:  # JSON, UTF-8, TensorStore errors, and Orbax's bare Exceptions
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise DamagedCheckpoint(f"{type(e).__name__}: {first_line[:200]}") from e
@@ -316,13 +323,19 @@ class Checkpoints:
     moved = False
     for step in sorted(self._mngr.all_steps(), reverse=True):
       path = epath.Path(self.directory) / str(step)
+      # Every process agrees that the step is readable before any judges its meta, so none
+      # waits in a collective that another left with an error.
       reason = None
       try:
         meta, arrays = read_step(path)
-        check_meta(meta)
       except DamagedCheckpoint as e:
         reason = str(e)
       reason = _agree(reason)
+      if reason is None:
+        try:
+          check_meta(meta)  # the same file everywhere: the same verdict on every process
+        except DamagedCheckpoint as e:
+          reason = str(e)
       if reason is not None:
         aside = self._move_aside(step)
         if jax.process_index() == 0:

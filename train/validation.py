@@ -15,10 +15,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from errors import ConfigError, HubUnreachable
+
+import lorax_fn as lora_fn
 
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "model")
@@ -89,8 +91,27 @@ def user_errors() -> Iterator[None]:
     yield
   except ConfigError:
     raise
-  except (ValueError, FileNotFoundError, HubUnreachable) as e:
+  except (FileNotFoundError, HubUnreachable) as e:
     raise ConfigError(str(e)) from e
+  except ValueError as e:
+    if not _raised_by_us(e):  # JAX's, numpy's...: a bug to see with its traceback
+      raise
+    raise ConfigError(str(e)) from e
+
+
+# ValueErrors raised in these directories (the library, the job) are about the user's input.
+_OURS = (
+  os.path.dirname(os.path.abspath(lora_fn.__file__)),
+  os.path.dirname(os.path.abspath(__file__)),
+)
+
+
+def _raised_by_us(e: BaseException) -> bool:
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  where = os.path.abspath(tb.tb_frame.f_code.co_filename) if tb is not None else ""
+  return any(where.startswith(d + os.sep) for d in _OURS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -143,20 +164,10 @@ def _is_remote(path: str) -> bool:
   return "://" in path
 
 
-def _bad_regexes(patterns: Sequence[str]) -> list[str]:
-  bad = []
-  for p in patterns:
-    try:
-      re.compile(p)
-    except re.error as e:
-      bad.append(f"{p!r} ({e})")
-  return bad
-
-
 def _names(config: Any, problems: Problems, key: str, *, non_empty: bool) -> None:
-  """A tuple of names or regular expressions (``lora.targets``, ``lora.trainable``)."""
+  """A tuple of names (``lora.targets``, ``lora.trainable``): path components, not regexes."""
   rule = "a non-empty tuple of names" if non_empty else "a tuple of names"
-  value = _require(
+  _require(
     config,
     problems,
     key,
@@ -167,10 +178,6 @@ def _names(config: Any, problems: Problems, key: str, *, non_empty: bool) -> Non
       and all(isinstance(n, str) and n for n in x)
     ),
   )
-  if isinstance(value, (tuple, list)):
-    bad = _bad_regexes([n for n in value if isinstance(n, str)])
-    if bad:
-      problems.append(f"config.{key} holds invalid regular expressions: {', '.join(bad)}")
 
 
 def _classes(config: Any, problems: Problems, key: str) -> tuple[int, ...] | None:
