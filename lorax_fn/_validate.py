@@ -60,6 +60,8 @@ def float_dtype(what: str, value: Any) -> Any:
   """``value`` as a float dtype; ``None`` passes through."""
   if value is None:
     return None
+  if isinstance(value, (np.ndarray, jax.Array)):  # jnp.dtype(array) is its dtype: a mistake
+    raise TypeError(f"{what} must be a float dtype; got an array of shape {np.shape(value)}")
   try:
     dtype = jnp.dtype(value)
   except TypeError as e:

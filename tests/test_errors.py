@@ -169,6 +169,12 @@ CASES = [
     r"merge dtype \(None: each base's\) must be a float dtype; got: 'foo'",
   ),
   (
+    "merge_dtype_array",
+    lambda: lora_fn.merge(_wrapped(), dtype=jnp.ones(3)),
+    TypeError,
+    r"merge dtype \(None: each base's\) must be a float dtype; got an array of shape \(3,\)",
+  ),
+  (
     "unwrap_unwrapped",
     lambda: lora_fn.unwrap(_base()),
     ValueError,
