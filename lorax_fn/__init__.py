@@ -12,6 +12,7 @@ from lorax_fn._interpret import MaterializeWarning, lora
 from lorax_fn._leaves import Layout, LoraLeaf, is_lora
 from lorax_fn._optim import LoraOptState, optimizer
 from lorax_fn._partition import combine, split, trainable_mask
+from lorax_fn._peft import load_peft, save_peft, serving_problems
 from lorax_fn._quant import QuantLeaf, is_quant, quantize
 from lorax_fn._shard import (
   ShardingWarning,
@@ -36,6 +37,7 @@ __all__ = [
   "default_layout",
   "infer_layouts",
   "is_lora",
+  "load_peft",
   "lora",
   "make_mesh",
   "merge",
@@ -47,6 +49,8 @@ __all__ = [
   "read_adapter_config",
   "restore_adapter",
   "save_adapter",
+  "save_peft",
+  "serving_problems",
   "shard",
   "ShardingWarning",
   "split",

@@ -1,0 +1,373 @@
+"""``save_peft`` / ``load_peft`` against PEFT itself: a torch model and its Flax twin agree.
+
+The twin has an Embedding, a Conv2d and Linear layers (pairwise-distinct sizes), a head that
+PEFT trains fully (``modules_to_save``) and per-module ranks; adapters go both ways, and the
+PyTorch logits must equal ours to 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import randomize
+
+import lorax_fn as lora_fn
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+K = jax.random.key
+VOCAB, D, HID, OUT = 11, 6, 13, 5
+MODULES = {"embed": "embed", "conv": "conv", "fc1": "fc1", "fc2": "fc2"}
+
+
+class TorchNet(torch.nn.Module):
+  def __init__(self):
+    super().__init__()
+    self.embed = torch.nn.Embedding(VOCAB, D)
+    self.conv = torch.nn.Conv2d(3, D, 3, padding=1)
+    self.fc1 = torch.nn.Linear(D, HID)
+    self.fc2 = torch.nn.Linear(HID, OUT)
+
+  def forward(self, ids, img):
+    t = self.embed(ids).mean(1) + self.conv(img).mean((2, 3))
+    return self.fc2(torch.nn.functional.gelu(self.fc1(t)))
+
+
+class Twin(nn.Module):
+  @nn.compact
+  def __call__(self, ids, img):  # img NHWC
+    t = nn.Embed(VOCAB, D, name="embed")(ids).mean(1)
+    t = t + nn.Conv(D, (3, 3), padding=1, name="conv")(img).mean((1, 2))
+    return nn.Dense(OUT, name="fc2")(nn.gelu(nn.Dense(HID, name="fc1")(t), approximate=False))
+
+
+def _torch_base(seed=0):
+  torch.manual_seed(seed)
+  return TorchNet().eval()
+
+
+def _flax_params(net):
+  """The twin's params holding the torch model's weights."""
+  sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+  return {
+    "embed": {"embedding": jnp.asarray(sd["embed.weight"])},
+    "conv": {
+      "kernel": jnp.asarray(sd["conv.weight"].transpose(2, 3, 1, 0)),
+      "bias": jnp.asarray(sd["conv.bias"]),
+    },
+    "fc1": {"kernel": jnp.asarray(sd["fc1.weight"].T), "bias": jnp.asarray(sd["fc1.bias"])},
+    "fc2": {"kernel": jnp.asarray(sd["fc2.weight"].T), "bias": jnp.asarray(sd["fc2.bias"])},
+  }
+
+
+def _inputs():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, VOCAB, (7, 4))
+  img = rng.normal(size=(7, 3, 9, 9)).astype(np.float32)
+  return ids, img
+
+
+def _ours(params, ids, img):
+  out = lora_fn.lora(Twin().apply)({"params": params}, jnp.asarray(ids), img.transpose(0, 2, 3, 1))
+  return np.asarray(out)
+
+
+def _theirs(model, ids, img):
+  with torch.no_grad():
+    return model(torch.as_tensor(ids), torch.as_tensor(img)).numpy()
+
+
+def test_twin_matches_the_torch_model():
+  net = _torch_base()
+  ids, img = _inputs()
+  np.testing.assert_allclose(
+    np.asarray(Twin().apply({"params": _flax_params(net)}, ids, img.transpose(0, 2, 3, 1))),
+    _theirs(net, ids, img),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_ours_to_peft(tmp_path, rslora):
+  net = _torch_base()
+  params = lora_fn.wrap(
+    _flax_params(net),
+    rank=4,
+    alpha=8.0,
+    targets=("embed", "conv", "fc1"),
+    rank_pattern={"conv": 2},
+    alpha_pattern={"fc1": 3.0},
+    rslora=rslora,
+    key=K(0),
+  )
+  params = randomize(params, K(1))
+  params["fc2"] = {k: v + 0.5 for k, v in params["fc2"].items()}  # the trained head
+  lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, trainable=("fc2",))
+  config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+  assert (config["r"], config["rank_pattern"], config["alpha_pattern"]) == (
+    4,
+    {"conv": 2},
+    {"fc1": 3},
+  )
+  assert config["modules_to_save"] == ["fc2"] and config["use_rslora"] is rslora
+  model = peft.PeftModel.from_pretrained(_torch_base(), str(tmp_path / "a")).eval()
+  ids, img = _inputs()
+  np.testing.assert_allclose(
+    _theirs(model, ids, img), _ours(params, ids, img), rtol=1e-5, atol=1e-5
+  )
+
+
+def _peft_adapter(path, **config):
+  model = peft.get_peft_model(
+    _torch_base(),
+    peft.LoraConfig(
+      r=4,
+      lora_alpha=8,
+      target_modules=["embed", "conv", "fc1"],
+      modules_to_save=["fc2"],
+      **config,
+    ),
+  )
+  gen = torch.Generator().manual_seed(3)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_" in name or "modules_to_save" in name:
+        p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+  model.save_pretrained(str(path))
+  return model.eval()
+
+
+@pytest.mark.parametrize(
+  "config", [{}, {"rank_pattern": {"conv": 2}, "alpha_pattern": {"embed": 5}, "use_rslora": True}]
+)
+def test_peft_to_ours(tmp_path, config):
+  model = _peft_adapter(tmp_path / "p", **config)
+  params = lora_fn.load_peft(tmp_path / "p", _flax_params(_torch_base()), modules=MODULES)
+  assert params["conv"]["kernel"].rank == config.get("rank_pattern", {}).get("conv", 4)
+  ids, img = _inputs()
+  np.testing.assert_allclose(
+    _ours(params, ids, img), _theirs(model, ids, img), rtol=1e-5, atol=1e-5
+  )
+  # And back: our export of what we read is PEFT's adapter again.
+  lora_fn.save_peft(tmp_path / "again", params, modules=MODULES, trainable=("fc2",))
+  again = peft.PeftModel.from_pretrained(_torch_base(), str(tmp_path / "again")).eval()
+  np.testing.assert_allclose(
+    _theirs(again, ids, img), _theirs(model, ids, img), rtol=1e-6, atol=1e-6
+  )
+
+
+def test_a_wrapped_model_with_the_adapters_rank_takes_its_factors(tmp_path):
+  model = _peft_adapter(tmp_path / "p")
+  wrapped = lora_fn.wrap(
+    _flax_params(_torch_base()), rank=4, targets=("embed", "conv", "fc1"), alpha=8.0, key=K(5)
+  )
+  params = lora_fn.load_peft(tmp_path / "p", wrapped, modules=MODULES)
+  ids, img = _inputs()
+  np.testing.assert_allclose(
+    _ours(params, ids, img), _theirs(model, ids, img), rtol=1e-5, atol=1e-5
+  )
+
+
+class _Stack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    class Layer(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return jnp.tanh(nn.Dense(D, name="fc")(h)), None
+
+    blocks = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return blocks(name="blocks")(x, None)[0]
+
+
+class _TorchStack(torch.nn.Module):
+  def __init__(self):
+    super().__init__()
+    self.layers = torch.nn.ModuleList([torch.nn.Linear(D, D) for _ in range(3)])
+
+  def forward(self, x):
+    for layer in self.layers:
+      x = torch.tanh(layer(x))
+    return x
+
+
+def test_scan_stacked_layers_are_one_module_each(tmp_path):
+  torch.manual_seed(1)
+  net = _TorchStack().eval()
+  sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+  base = {
+    "blocks": {
+      "fc": {
+        "kernel": jnp.asarray(np.stack([sd[f"layers.{i}.weight"].T for i in range(3)])),
+        "bias": jnp.asarray(np.stack([sd[f"layers.{i}.bias"] for i in range(3)])),
+      }
+    }
+  }
+  layouts = {"blocks/fc/kernel": ("stack", "in", "out")}
+  params = randomize(lora_fn.wrap(base, rank=2, targets=("fc",), layouts=layouts, key=K(0)), K(1))
+  modules = {"blocks/fc": "layers.{}"}
+  lora_fn.save_peft(tmp_path / "a", params, modules=modules)
+  config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+  assert sorted(config["target_modules"]) == ["layers.0", "layers.1", "layers.2"]
+  x = np.random.default_rng(0).normal(size=(4, D)).astype(np.float32)
+  model = peft.PeftModel.from_pretrained(net, str(tmp_path / "a")).eval()
+  with torch.no_grad():
+    theirs = model(torch.as_tensor(x)).numpy()
+  ours = lora_fn.lora(_Stack().apply)({"params": params}, x)
+  np.testing.assert_allclose(theirs, np.asarray(ours), rtol=1e-5, atol=1e-5)
+  back = lora_fn.load_peft(tmp_path / "a", base, modules=modules, layouts=layouts)
+  np.testing.assert_array_equal(
+    back["blocks"]["fc"]["kernel"].a, params["blocks"]["fc"]["kernel"].a
+  )
+
+
+def test_serving_problems_name_what_vllm_refuses():
+  base = _flax_params(_torch_base())
+  params = lora_fn.wrap(base, rank=4, targets=("conv", "fc1"), rank_pattern={"fc1": 2}, key=K(0))
+  problems = lora_fn.serving_problems(params, trainable=("fc2",), bias="all", max_lora_rank=1)
+  assert problems == [
+    "it trains biases ['conv/bias', 'fc1/bias']: vLLM needs bias='none' (or a server "
+    "started with --enable-lora-bias)",
+    "it trains ['fc2/bias', 'fc2/kernel'] fully: vLLM takes no modules_to_save but an output "
+    "head ('lm_head',)",
+    "rank 2 of ['fc1/kernel'] is above the server's max_lora_rank 1",
+    "rank 4 of ['conv/kernel'] is above the server's max_lora_rank 1",
+    "['conv/kernel'] are convolutions: vLLM serves LoRA on linear layers",
+  ]
+  mixed = lora_fn.wrap(base, rank=4, targets=("fc1", "embed"), alpha_pattern={"fc1": 8.0}, key=K(0))
+  assert lora_fn.serving_problems(mixed) == [
+    "its modules have different scales alpha/r (1 for ['embed/embedding']; 2 for "
+    "['fc1/kernel']): vLLM scales every module by one lora_alpha / r"
+  ]
+  assert lora_fn.serving_problems(lora_fn.wrap(base, rank=4, targets=("fc1",), key=K(0))) == []
+  with pytest.raises(ValueError, match=r"max_lora_rank must be one of vLLM's \(1, 8, 16"):
+    lora_fn.serving_problems(params, max_lora_rank=12)
+  with pytest.raises(
+    ValueError,
+    match=r"vLLM would refuse this adapter: it trains \['fc2/bias', 'fc2/kernel'\] fully",
+  ):
+    lora_fn.save_peft(
+      "/nonexistent/x", params, modules=MODULES, trainable=("fc2",), strict_serving=True
+    )
+
+
+def _write_peft(path, config, tensors):
+  from safetensors.numpy import save_file
+
+  os.makedirs(path)
+  (path / "adapter_config.json").write_text(json.dumps(config))
+  save_file(tensors, str(path / "adapter_model.safetensors"))
+
+
+LORA = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["fc1"]}
+FACTORS = {
+  "base_model.model.fc1.lora_A.weight": np.zeros((2, D), np.float32),
+  "base_model.model.fc1.lora_B.weight": np.zeros((HID, 2), np.float32),
+}
+
+LOAD_ERRORS = [
+  (
+    "ia3",
+    {**LORA, "peft_type": "IA3"},
+    FACTORS,
+    ValueError,
+    r"peft_type 'IA3' is not supported; lorax_fn reads LoRA adapters",
+  ),
+  (
+    "dora",
+    {**LORA, "use_dora": True},
+    FACTORS,
+    ValueError,
+    r"use_dora=True is not supported \(it changes what the adapter computes\)",
+  ),
+  (
+    "pissa",
+    {**LORA, "init_lora_weights": "pissa"},
+    FACTORS,
+    ValueError,
+    r"init_lora_weights='pissa' adapters are relative to a modified base",
+  ),
+  (
+    "unknown_module",
+    LORA,
+    {
+      **FACTORS,
+      "base_model.model.fc3.lora_A.weight": np.zeros((2, D)),
+      "base_model.model.fc3.lora_B.weight": np.zeros((HID, 2)),
+    },
+    ValueError,
+    r"names modules the model lacks: \['fc3'\]; nearest known module names: \['fc2', 'fc1'\]",
+  ),
+  (
+    "bad_shape",
+    LORA,
+    {**FACTORS, "base_model.model.fc1.lora_A.weight": np.zeros((2, 7))},
+    ValueError,
+    r"'base_model.model.fc1.lora_A.weight' has shape \(2, 7\); the Linear at "
+    r"'fc1/kernel' \(kernel shape \(6, 13\), rank 2\) needs \(2, 6\)",
+  ),
+  (
+    "half_pair",
+    LORA,
+    {"base_model.model.fc1.lora_A.weight": np.zeros((2, D), np.float32)},
+    ValueError,
+    r"has only lora_A for 'fc1'",
+  ),
+  ("no_rank", {**LORA, "r": 0}, FACTORS, ValueError, r"r must be a positive number; got: 0"),
+]
+
+
+@pytest.mark.parametrize(
+  "name, config, tensors, exc, regex", LOAD_ERRORS, ids=[e[0] for e in LOAD_ERRORS]
+)
+def test_load_errors(tmp_path, name, config, tensors, exc, regex):
+  _write_peft(tmp_path / "p", config, tensors)
+  with pytest.raises(exc, match=regex):
+    lora_fn.load_peft(tmp_path / "p", _flax_params(_torch_base()), modules=MODULES)
+
+
+def test_missing_and_damaged_files_are_named(tmp_path):
+  base = _flax_params(_torch_base())
+  with pytest.raises(FileNotFoundError, match=r"PEFT adapter file '.*nowhere/adapter_config.json'"):
+    lora_fn.load_peft(tmp_path / "nowhere", base, modules=MODULES)
+  _write_peft(tmp_path / "p", LORA, FACTORS)
+  weights = tmp_path / "p" / "adapter_model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:40])
+  with pytest.raises(
+    ValueError, match=r"PEFT adapter file '.*adapter_model.safetensors' is damaged"
+  ):
+    lora_fn.load_peft(tmp_path / "p", base, modules=MODULES)
+  (tmp_path / "p" / "adapter_config.json").write_text('{"peft_type": "LO')
+  with pytest.raises(ValueError, match=r"PEFT adapter file '.*adapter_config.json' is damaged"):
+    lora_fn.load_peft(tmp_path / "p", base, modules=MODULES)
+
+
+def test_save_errors(tmp_path):
+  params = lora_fn.wrap(_flax_params(_torch_base()), rank=2, targets=("fc1", "conv"), key=K(0))
+  with pytest.raises(ValueError, match=r"modules names no PyTorch module for \['conv'\]"):
+    lora_fn.save_peft(tmp_path / "a", params, modules={"fc1": "fc1"})
+  with pytest.raises(
+    ValueError, match=r"modules maps both 'conv/kernel' and 'fc1/kernel' to the PyTorch module 'x'"
+  ):
+    lora_fn.save_peft(tmp_path / "a", params, modules={"fc1": "x", "conv": "x"})
+  with pytest.raises(ValueError, match=r"needs a '\{\}' placeholder for the layer index"):
+    stacked = lora_fn.wrap(
+      {"s": {"kernel": jnp.ones((3, 5, 7))}},
+      rank=2,
+      targets=("s",),
+      layouts={"s": ("stack", "in", "out")},
+      key=K(0),
+    )
+    lora_fn.save_peft(tmp_path / "a", stacked, modules={"s": "s"})
+  lora_fn.save_peft(tmp_path / "a", params, modules=MODULES)
+  with pytest.raises(ValueError, match=r"already exists; pass overwrite=True"):
+    lora_fn.save_peft(tmp_path / "a", params, modules=MODULES)
+  lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, overwrite=True)
