@@ -395,3 +395,20 @@ def test_layout_keys_that_are_paths_match_exactly():
     lora_fn.wrap(
       base, rank=2, targets=("Dense_0",), layouts={"Blok/Dense_0/kernel": ("in", "out")}, key=K(0)
     )
+
+
+def test_merge_computes_in_float32_then_casts():
+  # A bf16 base and bf16 factors: W + s·BA is formed in float32 and rounded once.
+  w = jax.random.normal(K(0), (13, 11), jnp.bfloat16)
+  p = lora_fn.wrap({"k": w}, rank=3, alpha=5.0, targets=("k",), key=K(1), dtype=jnp.bfloat16)
+  p = randomize(p, K(2))
+  leaf = p["k"]
+  exact = np.asarray(w, np.float64) + (5.0 / 3) * (
+    np.asarray(leaf.a, np.float64).T @ np.asarray(leaf.b, np.float64)
+  )
+  merged = lora_fn.merge(p)["k"]
+  assert merged.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(
+    np.asarray(merged, np.float32), exact.astype(jnp.bfloat16).astype(np.float32)
+  )
+  np.testing.assert_allclose(lora_fn.merge(p, dtype=jnp.float32)["k"], exact, rtol=1e-6, atol=1e-6)
