@@ -9,10 +9,12 @@ from lorax_fn._checkpoint import (
 )
 from lorax_fn._infer import infer_layouts
 from lorax_fn._interpret import MaterializeWarning, lora
-from lorax_fn._leaves import Layout, LoraLeaf, is_lora
+from lorax_fn._leaves import Layout, LoraLeaf, LoraStack, is_lora, is_stack
+from lorax_fn._mix import weighted_adapter
 from lorax_fn._optim import LoraOptState, optimizer
 from lorax_fn._partition import combine, split, trainable_mask
 from lorax_fn._peft import load_peft, save_peft, serving_problems
+from lorax_fn._pool import AdapterPool
 from lorax_fn._quant import QuantLeaf, is_quant, quantize
 from lorax_fn._shard import (
   ShardingWarning,
@@ -22,10 +24,26 @@ from lorax_fn._shard import (
   shard,
   state_shardings,
 )
+from lorax_fn._stack import (
+  scale_adapter,
+  set_adapter,
+  set_strength,
+  stack_adapters,
+  unstack_adapter,
+)
 from lorax_fn._summary import summary
 from lorax_fn._wrap import default_layout, merge, unwrap, wrap
 
 __all__ = [
+  "weighted_adapter",
+  "AdapterPool",
+  "unstack_adapter",
+  "stack_adapters",
+  "set_strength",
+  "set_adapter",
+  "scale_adapter",
+  "is_stack",
+  "LoraStack",
   "Layout",
   "LoraLeaf",
   "MaterializeWarning",

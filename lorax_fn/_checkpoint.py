@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lorax_fn import _paths
-from lorax_fn._leaves import is_lora
+from lorax_fn._leaves import is_adapter, is_lora, is_stack
 from lorax_fn._partition import trainable_mask
 
 _FORMAT = "lorax_fn.adapter/1"
@@ -80,13 +80,18 @@ def adapter_state(
   never included.
   """
   mask = trainable_mask(params, trainable=trainable, bias=bias)
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
-  marks = jax.tree.leaves(mask, is_leaf=lambda x: isinstance(x, bool) or is_lora(x))
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]
+  marks = jax.tree.leaves(mask, is_leaf=lambda x: isinstance(x, bool) or is_adapter(x))
   arrays: dict[str, Any] = {}
   lora: dict[str, Any] = {}
   extra: list[str] = []
   for (path, leaf), mark in zip(flat, marks, strict=True):
     p = _paths.path_str(path)
+    if is_stack(leaf):
+      raise ValueError(
+        f"{p!r} holds a stack of {leaf.slots} adapters; save them one by one: "
+        "unstack_adapter(params, slot)"
+      )
     if is_lora(leaf):
       leaf.check(p)  # a half of split has no w (or no a, b) to record
       arrays[f"{p}/a"], arrays[f"{p}/b"] = leaf.a, leaf.b

@@ -36,6 +36,7 @@ from lorax_fn._rules import (
   first_step_plan,
   shared_first_steps,
 )
+from lorax_fn._stack import is_stack, run_per_example
 
 
 class MaterializeWarning(UserWarning):
@@ -298,7 +299,7 @@ _HIGHER_ORDER: dict[str, Callable[[_Ctx, Any, list[Any]], list[Any]]] = {
 
 
 def _is_node(x: Any) -> bool:
-  return is_lora(x) or is_quant(x)
+  return is_lora(x) or is_quant(x) or is_stack(x)
 
 
 def _is_dynamic(x: Any) -> bool:
@@ -323,9 +324,9 @@ def _bind_value(x: Any) -> Any:
 
 
 def _check_leaves(args: Any) -> None:
-  flat, _ = jax.tree_util.tree_flatten_with_path(args, is_leaf=is_lora)
+  flat, _ = jax.tree_util.tree_flatten_with_path(args, is_leaf=lambda x: is_lora(x) or is_stack(x))
   for path, x in flat:
-    if is_lora(x):
+    if is_lora(x) or is_stack(x):
       x.check(
         f"arg {path[1].idx if path[0].idx == 0 else path[1].key!r}/" + _paths.path_str(path[2:])
       )
@@ -397,21 +398,36 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
   cache: collections.OrderedDict[Any, Any] = collections.OrderedDict()
   built_key = key
 
-  @functools.wraps(fn)
-  def wrapped(*args: Any, dropout_key: jax.Array | None = None, **kwargs: Any) -> Any:
+  def single(args: tuple, kwargs: dict, dropout_key: Any) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=_is_node)
-    if not any(_is_node(x) for x in leaves):
-      return fn(*args, **kwargs)
-    _check_leaves((args, kwargs))
-    if dropout_key is not None:
-      _validate.prng_key("dropout_key", dropout_key)
     dyn = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
     stand_ins = [_stand_in(leaves[i]) for i in dyn]
     closed, out_tree = _trace(fn, cache, leaves, treedef, dyn, stand_ins)
     vals = [_bind_value(x) for x in (leaves[i] for i in dyn)]
-    ctx = _Ctx(built_key if dropout_key is None else dropout_key)
-    outs = eval_jaxpr(ctx, closed.jaxpr, closed.consts, vals)
+    outs = eval_jaxpr(_Ctx(dropout_key), closed.jaxpr, closed.consts, vals)
     return jax.tree_util.tree_unflatten(out_tree, [_concrete(o) for o in outs])
+
+  @functools.wraps(fn)
+  def wrapped(
+    *args: Any, dropout_key: jax.Array | None = None, adapter_ids: Any = None, **kwargs: Any
+  ) -> Any:
+    leaves = jax.tree.leaves((args, kwargs), is_leaf=_is_node)
+    if not any(_is_node(x) for x in leaves):
+      if adapter_ids is not None:
+        raise ValueError("adapter_ids was given, but no argument holds stacked adapters")
+      return fn(*args, **kwargs)
+    _check_leaves((args, kwargs))
+    if dropout_key is not None:
+      _validate.prng_key("dropout_key", dropout_key)
+    key = built_key if dropout_key is None else dropout_key
+    if adapter_ids is not None:
+      return run_per_example(single, args, kwargs, adapter_ids, key)
+    if any(is_stack(x) for x in leaves):
+      raise ValueError(
+        "params hold stacked adapters (lorax_fn.stack_adapters): pass adapter_ids=, one slot "
+        "per example (-1: the base alone)"
+      )
+    return single(args, kwargs, key)
 
   return wrapped
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_fn import _validate
 
@@ -178,3 +180,85 @@ class LoraLeaf:
 def is_lora(x: object) -> bool:
   """True for a :class:`LoraLeaf`."""
   return isinstance(x, LoraLeaf)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraStack:
+  """The factors of ``N`` adapters of one kernel: ``W + scales[k] * B[k]·A[k]`` for slot ``k``.
+
+  Attributes:
+    w: the frozen base weight (any float dtype, or a quantised leaf).
+    a: ``(N,) + stack + (rank,) + in``: each slot's A, rows past its own rank zero.
+    b: ``(N,) + stack + (rank,) + out``: each slot's B, likewise.
+    scales: ``(N,)`` float32: each slot's ``alpha / r`` (``/ sqrt(r)`` with rsLoRA) times its
+      strength; 0 for an empty slot.
+    ranks: ``(N,)`` int32: each slot's own rank (0: empty).
+    roles: the kernel's axis roles.
+    rank: the stack's rank (the largest a slot can hold).
+    dropout: dropout on the input of the low-rank path, for every slot.
+  """
+
+  w: Any
+  a: jax.Array
+  b: jax.Array
+  scales: jax.Array
+  ranks: jax.Array
+  roles: Layout = dataclasses.field(metadata=dict(static=True))
+  rank: int = dataclasses.field(metadata=dict(static=True))
+  dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.w.shape)
+
+  @property
+  def slots(self) -> int:
+    return int(np.shape(self.a)[0])
+
+  def check(self, path: str) -> None:
+    """Raises ``ValueError`` naming ``path`` if the stacked factors do not fit ``w``."""
+    n = self.slots
+    a_shape, b_shape = factor_shapes(self.w.shape, self.roles, self.rank)
+    if tuple(self.a.shape) != (n, *a_shape) or tuple(self.b.shape) != (n, *b_shape):
+      raise ValueError(
+        f"stacked LoRA leaf at {path!r}: {n} slots of rank {self.rank} over a base of shape "
+        f"{self.shape} expect a {(n, *a_shape)} and b {(n, *b_shape)}; got a "
+        f"{tuple(self.a.shape)} and b {tuple(self.b.shape)}"
+      )
+    if tuple(np.shape(self.scales)) != (n,) or tuple(np.shape(self.ranks)) != (n,):
+      raise ValueError(f"stacked LoRA leaf at {path!r}: scales and ranks need shape ({n},)")
+
+  def select(self, slot: Any) -> LoraLeaf:
+    """Slot ``slot``'s adapter as a :class:`LoraLeaf` whose scale is folded into ``b``.
+
+    ``slot`` may be traced; ``-1`` (or any slot out of range) is the base alone.
+    """
+    n = self.slots
+    valid = (slot >= 0) & (slot < n)
+    k = jnp.clip(slot, 0, n - 1)
+    scale = jnp.where(valid, self.scales[k], 0.0)
+    b = self.b[k] * scale.astype(self.b.dtype)
+    return LoraLeaf(
+      self.w, self.a[k], b, self.roles, self.rank, float(self.rank), False, self.dropout
+    )
+
+
+def is_stack(x: object) -> bool:
+  """True for a :class:`LoraStack`."""
+  return isinstance(x, LoraStack)
+
+
+def is_adapter(x: object) -> bool:
+  """True for a :class:`LoraLeaf` or a :class:`LoraStack`: a node holding LoRA factors."""
+  return isinstance(x, (LoraLeaf, LoraStack))
+
+
+def data_fields(x: object) -> tuple[str, ...]:
+  """The array fields of a LoRA node (``w``, ``a``, ``b``, and a stack's ``scales``, ``ranks``)."""
+  return tuple(f.name for f in dataclasses.fields(x) if not f.metadata.get("static"))
+
+
+def static_fields(x: object) -> tuple[str, ...]:
+  """The metadata fields of a LoRA node (rank, alpha, roles, ...)."""
+  return tuple(f.name for f in dataclasses.fields(x) if f.metadata.get("static"))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from lorax_fn import _paths
-from lorax_fn._leaves import is_lora
+from lorax_fn._leaves import is_adapter, is_stack
 from lorax_fn._partition import _is_mask_leaf, combine, partition, trainable_mask
 
 
@@ -86,7 +86,7 @@ def optimizer(
 def _check_like(what: str, tree: Any, mask: Any) -> None:
   """Raises ``ValueError`` naming the first path where ``tree`` does not fit the optimizer."""
   mask_flat = jax.tree_util.tree_flatten_with_path(mask, is_leaf=_is_mask_leaf)[0]
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or is_lora(x))[0]
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or is_adapter(x))[0]
   expected = {_paths.path_str(p): m for p, m in mask_flat}
   got = {_paths.path_str(p): x for p, x in flat}
   # A None is a gap of split's halves; the optimizer built from a half has the gap too.
@@ -99,13 +99,13 @@ def _check_like(what: str, tree: Any, mask: Any) -> None:
     )
   for path, m in expected.items():
     x = got[path]
-    if is_lora(m) != is_lora(x):
-      kind = "a LoRA leaf" if is_lora(m) else "a plain leaf"
+    if type(m) is not type(x) and (is_adapter(m) or is_adapter(x)):
+      kind = ("a LoRA stack" if is_stack(m) else "a LoRA leaf") if is_adapter(m) else "a plain leaf"
       raise ValueError(
         f"{what} at {path!r} must be {kind}, as in the params given to lorax_fn.optimizer; "
         f"got: {type(x).__name__}"
       )
-    if is_lora(m) and (m.rank, m.roles) != (x.rank, x.roles):
+    if is_adapter(m) and (m.rank, m.roles) != (x.rank, x.roles):
       raise ValueError(
         f"{what} at {path!r} has rank {x.rank} and layout {x.roles}; the optimizer was built "
         f"for rank {m.rank} and layout {m.roles}"
@@ -120,7 +120,7 @@ def _check_split_form(expected: dict[str, Any], got: dict[str, Any]) -> None:
   Otherwise ``split`` and the optimizer were given different ``trainable=``, and a leaf one
   of them trains would silently never change.
   """
-  plain = [p for p, m in expected.items() if not is_lora(m)]
+  plain = [p for p, m in expected.items() if not is_adapter(m)]
   if not any(got[p] is None for p in plain):
     return  # the full gradient tree: frozen leaves have gradients, which are dropped
   for p in plain:

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from lorax_fn import _paths, _validate
-from lorax_fn._leaves import is_lora
+from lorax_fn._leaves import data_fields, is_adapter, static_fields
 
 _BIAS_MODES = ("none", "all", "lora_only")
 
@@ -48,14 +48,16 @@ def trainable_mask(
   if bias not in _BIAS_MODES:
     raise ValueError(f"bias must be one of {_BIAS_MODES}; got: {bias!r}")
   allow_empty = _validate.boolean("allow_empty", allow_empty)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)
   paths = [_paths.path_str(p) for p, _ in flat]
-  lora_modules = {p.rsplit("/", 1)[0] for p, (_, x) in zip(paths, flat, strict=True) if is_lora(x)}
+  lora_modules = {
+    p.rsplit("/", 1)[0] for p, (_, x) in zip(paths, flat, strict=True) if is_adapter(x)
+  }
   match = _extra_matcher(trainable)
   marks, hit_paths = [], []
   for path, (_, x) in zip(paths, flat, strict=True):
-    if is_lora(x):
-      marks.append(dataclasses.replace(x, w=False, a=True, b=True))
+    if is_adapter(x):  # A and B train; the base (and a stack's scales and ranks) never
+      marks.append(dataclasses.replace(x, **{f: f in ("a", "b") for f in data_fields(x)}))
       continue
     name, module = path.rsplit("/", 1)[-1], path.rsplit("/", 1)[0] if "/" in path else ""
     hit = match is not None and bool(match(path, x))
@@ -123,7 +125,7 @@ def _near(trainable: Any, paths: list[str]) -> list[str]:
 
 
 def _is_mask_leaf(x: Any) -> bool:
-  return isinstance(x, bool) or is_lora(x)
+  return isinstance(x, bool) or is_adapter(x)
 
 
 def split(
@@ -162,9 +164,9 @@ def partition(params: Any, mask: Any) -> tuple[Any, Any]:
 
   def pick(keep: bool) -> Any:
     def one(m: Any, x: Any) -> Any:
-      if is_lora(m):
+      if is_adapter(m):
         return dataclasses.replace(
-          x, **{f: getattr(x, f) if getattr(m, f) == keep else None for f in ("w", "a", "b")}
+          x, **{f: getattr(x, f) if getattr(m, f) == keep else None for f in data_fields(m)}
         )
       return x if m == keep else None
 
@@ -200,7 +202,7 @@ def combine(*trees: Any) -> Any:
         f"combine got None as tree {i}; pass both halves that lorax_fn.split returned: "
         "combine(trainable, frozen)"
       )
-  is_leaf = lambda x: x is None or is_lora(x)
+  is_leaf = lambda x: x is None or is_adapter(x)
   flat, treedef = jax.tree_util.tree_flatten_with_path(trees[0], is_leaf=is_leaf)
   columns = [[x] for _, x in flat]
   for i, t in enumerate(trees[1:], 1):
@@ -224,20 +226,17 @@ def _first_difference(a: list[Any], b: list[Any]) -> str:
   return "the same paths, with other node types"
 
 
-_STATIC = ("roles", "rank", "alpha", "rslora", "dropout")
-
-
 def _first(keys: Any, xs: list[Any]) -> Any:
   """The merged leaf at tree path ``keys`` (formatted only for an error message)."""
-  loras = [x for x in xs if is_lora(x)]
+  loras = [x for x in xs if is_adapter(x)]
   if not loras:
     return _only(keys, "", xs)
-  if any(x is not None and not is_lora(x) for x in xs):
+  if any(x is not None and type(x) is not type(loras[0]) for x in xs):
     raise ValueError(
       f"combine: at {_paths.path_str(keys)!r} one tree holds a LoRA leaf and another a plain "
-      "array; the trees come from different wraps (other targets)."
+      "array (or a stack); the trees come from different wraps (other targets)."
     )
-  for field in _STATIC:
+  for field in static_fields(loras[0]):
     values = [getattr(x, field) for x in loras]
     if any(v != values[0] for v in values):
       raise ValueError(
@@ -245,7 +244,7 @@ def _first(keys: Any, xs: list[Any]) -> Any:
         f"tree and {field}={next(v for v in values if v != values[0])!r} in another; combine "
         "the halves of one wrap."
       )
-  fields = {f: _only(keys, f"/{f}", [getattr(x, f) for x in loras]) for f in "wab"}
+  fields = {f: _only(keys, f"/{f}", [getattr(x, f) for x in loras]) for f in data_fields(loras[0])}
   return dataclasses.replace(loras[0], **fields)
 
 

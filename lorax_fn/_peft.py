@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_fn import _paths, _torch_layout
-from lorax_fn._leaves import LoraLeaf, factor_shapes, is_lora
+from lorax_fn._leaves import LoraLeaf, factor_shapes, is_adapter, is_lora, is_stack
 from lorax_fn._partition import trainable_mask
 from lorax_fn._quant import is_quant
 
@@ -145,7 +145,15 @@ def _param_site(path: str, raw: tuple[str, ...], leaf: Any) -> _Site:
 
 
 def _flat(params: Any) -> list[tuple[str, Any]]:
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_lora(x) or is_quant(x))
+  flat = jax.tree_util.tree_flatten_with_path(
+    params, is_leaf=lambda x: is_adapter(x) or is_quant(x)
+  )
+  stacks = [_paths.path_str(p) for p, x in flat[0] if is_stack(x)]
+  if stacks:
+    raise ValueError(
+      f"{stacks[0]!r} holds stacked adapters; PEFT files hold one adapter: "
+      "unstack_adapter(params, slot) first"
+    )
   return [(_paths.path_str(p), x) for p, x in flat[0]]
 
 
@@ -352,6 +360,7 @@ def _save_sites(params: Any, modules: Modules, trainable: Any, bias: str):
   mask = trainable_mask(params, trainable=trainable, bias=bias)
   chosen = trainable_mask(params, trainable=trainable, allow_empty=True)  # not the biases
   is_mark = lambda x: isinstance(x, bool) or is_lora(x)
+  _flat(params)  # refuses stacks
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
   loras, extras, to_save, unmapped = [], [], set(), []
   for (keys, leaf), mark, pick in zip(
@@ -446,6 +455,7 @@ def serving_problems(
   """
   if max_lora_rank not in VLLM_RANKS:
     raise ValueError(f"max_lora_rank must be one of vLLM's {VLLM_RANKS}; got: {max_lora_rank!r}")
+  _flat(params)  # refuses stacks
   is_mark = lambda x: isinstance(x, bool) or is_lora(x)
   mask = trainable_mask(params, trainable=trainable, bias=bias)
   modules = trainable_mask(params, trainable=trainable, allow_empty=True)  # not bias=

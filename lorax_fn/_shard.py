@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lorax_fn import _paths
-from lorax_fn._leaves import LoraLeaf, factor_axes, is_lora
+from lorax_fn._leaves import data_fields, factor_axes, is_adapter, is_stack
 from lorax_fn._quant import QuantLeaf, is_quant
 
 P = PartitionSpec
@@ -215,27 +215,30 @@ def _check_spec(path: str, spec: PartitionSpec, shape: tuple[int, ...], mesh: Me
 
 def _shape(x: Any) -> tuple[int, ...]:
   """The base's shape; for the trainable half of ``split`` (no ``w``), read off ``a`` and ``b``."""
-  if is_lora(x) and x.w is None:
+  if is_adapter(x) and x.w is None:
+    lead = 1 if is_stack(x) else 0  # a stack's adapter axis
     shape = [0] * len(x.roles)
     for f, axes in zip((x.a, x.b), factor_axes(x.roles), strict=True):
-      for i, n in zip(axes, np.shape(f), strict=True):
+      for i, n in zip(axes, np.shape(f)[lead:], strict=True):
         if i is not None:
           shape[i] = n
     return tuple(shape)
-  return tuple(x.shape) if is_quant(x) or is_lora(x) else tuple(np.shape(x))
+  return tuple(x.shape) if is_quant(x) or is_adapter(x) else tuple(np.shape(x))
 
 
-def _lora_specs(leaf: LoraLeaf, spec: PartitionSpec) -> LoraLeaf:
-  """Specs for ``w``, ``a`` and ``b`` (``None`` where ``split`` left the field empty)."""
+def _lora_specs(leaf: Any, spec: PartitionSpec) -> Any:
+  """Specs for ``w``, ``a`` and ``b`` (``None`` where ``split`` left the field empty).
+
+  A stack's factors have a leading adapter axis (replicated), its scales and ranks too.
+  """
   entries = tuple(spec) + (None,) * (len(leaf.roles) - len(spec))
   a_axes, b_axes = factor_axes(leaf.roles)
-  a = P(*(None if i is None else entries[i] for i in a_axes))
-  b = P(*(None if i is None else entries[i] for i in b_axes))
+  lead = (None,) if is_stack(leaf) else ()
+  a = P(*lead, *(None if i is None else entries[i] for i in a_axes))
+  b = P(*lead, *(None if i is None else entries[i] for i in b_axes))
+  fields = {"w": spec, "a": a, "b": b, "scales": P(), "ranks": P()}
   return dataclasses.replace(
-    leaf,
-    w=None if leaf.w is None else spec,
-    a=None if leaf.a is None else a,
-    b=None if leaf.b is None else b,
+    leaf, **{f: None if getattr(leaf, f) is None else fields[f] for f in data_fields(leaf)}
   )
 
 
@@ -334,7 +337,7 @@ def partition_specs(
   _check_mesh(mesh)
   if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
     raise ValueError(f"min_size must be a non-negative int; got: {min_size!r}")
-  is_node = lambda x: is_lora(x) or is_quant(x)
+  is_node = lambda x: is_adapter(x) or is_quant(x)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
   paths = [_paths.path_str(p) for p, _ in flat]
   leaves = [x for _, x in flat]
@@ -390,13 +393,13 @@ def partition_specs(
     _check_spec(p, spec, shape, mesh)
     if leaf is None:
       out.append(None)
-    elif is_lora(leaf) and is_quant(leaf.w):
+    elif is_adapter(leaf) and is_quant(leaf.w):
       out.append(
         dataclasses.replace(
           _lora_specs(leaf, spec), w=_quant_specs(p, leaf.w, spec, mesh, exact, leftovers)
         )
       )
-    elif is_lora(leaf):
+    elif is_adapter(leaf):
       out.append(_lora_specs(leaf, spec))
     elif is_quant(leaf):
       out.append(_quant_specs(p, leaf, spec, mesh, exact, leftovers))

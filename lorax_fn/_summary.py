@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from lorax_fn import _paths
-from lorax_fn._leaves import is_lora
+from lorax_fn._leaves import is_adapter, is_lora, is_stack
 from lorax_fn._partition import partition, trainable_mask
 from lorax_fn._quant import is_quant
 
@@ -42,8 +42,8 @@ def summary(params: Any, *, trainable: _paths.Targets | None = None, bias: str =
     path          shape   layout      rank  alpha  params
     dense/kernel  (5, 7)  (in, out)      2    2.0      24
   """
-  for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]:
-    if is_lora(x):
+  for path, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]:
+    if is_adapter(x):
       x.check(_paths.path_str(path))  # a half of split has no w (or no a, b) to count
   mask = trainable_mask(params, trainable=trainable, bias=bias)
   # A quantised base counts as the parameters it stands for, as PEFT counts 4-bit weights.
@@ -51,10 +51,21 @@ def summary(params: Any, *, trainable: _paths.Targets | None = None, bias: str =
   on = sum(_size(x) for x in jax.tree.leaves(partition(params, mask)[0]))
   pct = 100.0 * on / total if total else 0.0
   line = f"trainable params: {on:,} || all params: {total:,} || trainable%: {pct:.4f}"
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]
   rows = [("path", "shape", "layout", "rank", "alpha", "params")]
   for path, x in flat:
-    if is_lora(x):
+    if is_stack(x):  # alphas are data here: the slots' ranks and scales vary
+      rows.append(
+        (
+          _paths.path_str(path),
+          str(x.shape),
+          "(" + ", ".join(x.roles) + ")",
+          f"{x.slots}x{x.rank}",
+          "-",
+          f"{_size(x.a) + _size(x.b):,}",
+        )
+      )
+    elif is_lora(x):
       rows.append(
         (
           _paths.path_str(path),

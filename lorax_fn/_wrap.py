@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_fn import _paths, _validate
-from lorax_fn._leaves import ROLES, Layout, LoraLeaf, factor_shapes, is_lora
+from lorax_fn._leaves import ROLES, Layout, LoraLeaf, factor_shapes, is_adapter, is_lora, is_stack
 from lorax_fn._quant import is_quant
 
 _INITS = ("kaiming", "gaussian")
@@ -108,7 +108,7 @@ def _init_factors(
 
 def _flatten(params: Any) -> tuple[list[tuple[str, Any]], Any]:
   leaves, treedef = jax.tree_util.tree_flatten_with_path(
-    params, is_leaf=lambda x: is_lora(x) or is_quant(x)
+    params, is_leaf=lambda x: is_adapter(x) or is_quant(x)
   )
   return [(_paths.path_str(p), x) for p, x in leaves], treedef
 
@@ -236,7 +236,7 @@ def _wrap_leaf(
   dropout: float,
   layout: Sequence[str] | None,
 ) -> LoraLeaf:
-  if is_lora(leaf):
+  if is_adapter(leaf):
     raise ValueError(f"the leaf at {path!r} is already a LoRA leaf; wrap it only once.")
   if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
     got = getattr(leaf, "dtype", type(leaf).__name__)
@@ -286,7 +286,7 @@ def merge(params: Any, *, dtype: Any = None) -> Any:
   """
 
   dtype = _validate.float_dtype("merge dtype (None: each base's)", dtype)
-  is_node = lambda x: is_lora(x) or is_quant(x)
+  is_node = lambda x: is_adapter(x) or is_quant(x)
   if not any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
     raise ValueError(
       "merge: params hold no LoRA or quantised leaf, so there is nothing to merge; pass the "
@@ -294,6 +294,11 @@ def merge(params: Any, *, dtype: Any = None) -> Any:
     )
 
   def one(path: Any, x: Any) -> Any:
+    if is_stack(x):
+      raise ValueError(
+        f"merge: {_paths.path_str(path)!r} holds a stack of {x.slots} adapters; merge one of "
+        "them: merge(unstack_adapter(params, slot))"
+      )
     if is_lora(x):
       x.check(_paths.path_str(path))
       return x.merged(dtype)
@@ -314,7 +319,7 @@ def unwrap(params: Any) -> Any:
   """
 
   def one(path: Any, x: Any) -> Any:
-    if not is_lora(x):
+    if not is_adapter(x):
       return x
     if x.w is None:
       raise ValueError(
@@ -323,9 +328,9 @@ def unwrap(params: Any) -> Any:
       )
     return x.w
 
-  if not any(is_lora(x) for x in jax.tree.leaves(params, is_leaf=is_lora)):
+  if not any(is_adapter(x) for x in jax.tree.leaves(params, is_leaf=is_adapter)):
     raise ValueError("unwrap: params hold no LoRA leaf; pass the tree returned by lorax_fn.wrap.")
-  return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_lora)
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_adapter)
 
 
 def lora_paths(params: Any) -> dict[str, LoraLeaf]:

@@ -5,9 +5,11 @@ import lorax_fn
 
 def test_public_names():
   assert sorted(lorax_fn.__all__) == [
+    "AdapterPool",
     "Layout",
     "LoraLeaf",
     "LoraOptState",
+    "LoraStack",
     "MaterializeWarning",
     "QuantLeaf",
     "ShardingWarning",
@@ -19,6 +21,7 @@ def test_public_names():
     "infer_layouts",
     "is_lora",
     "is_quant",
+    "is_stack",
     "load_peft",
     "lora",
     "make_mesh",
@@ -30,13 +33,19 @@ def test_public_names():
     "restore_adapter",
     "save_adapter",
     "save_peft",
+    "scale_adapter",
     "serving_problems",
+    "set_adapter",
+    "set_strength",
     "shard",
     "split",
+    "stack_adapters",
     "state_shardings",
     "summary",
     "trainable_mask",
+    "unstack_adapter",
     "unwrap",
+    "weighted_adapter",
     "wrap",
   ]
   for name in lorax_fn.__all__:

@@ -371,3 +371,94 @@ def test_save_errors(tmp_path):
   with pytest.raises(ValueError, match=r"already exists; pass overwrite=True"):
     lora_fn.save_peft(tmp_path / "a", params, modules=MODULES)
   lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, overwrite=True)
+
+
+def _two_peft_adapters(path, rank_b):
+  """A PEFT model with adapters 'one' (rank 4) and 'two' (rank ``rank_b``), random factors."""
+  targets = ["embed", "conv", "fc1"]
+  model = peft.get_peft_model(
+    _torch_base(), peft.LoraConfig(r=4, lora_alpha=6, target_modules=targets), adapter_name="one"
+  )
+  model.add_adapter("two", peft.LoraConfig(r=rank_b, lora_alpha=3, target_modules=targets))
+  gen = torch.Generator().manual_seed(5)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_" in name:
+        p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+  model.save_pretrained(str(path), selected_adapters=["one", "two"])  # in path/one, path/two
+  return model
+
+
+@pytest.mark.parametrize(
+  "method, rank_b, density",
+  [
+    ("linear", 4, None),
+    ("cat", 2, None),
+    ("svd", 2, None),
+    ("ties", 4, 0.5),
+    ("magnitude_prune", 4, 0.6),
+  ],
+)
+def test_weighted_adapter_matches_peft(tmp_path, method, rank_b, density):
+  model = _two_peft_adapters(tmp_path / "p", rank_b)
+  weights = [0.7, -0.4]
+  model.add_weighted_adapter(
+    ["one", "two"], weights, "mix", combination_type=method, density=density
+  )
+  model.set_adapter("mix")
+  model.eval()
+  base = _flax_params(_torch_base())
+  ours = [lora_fn.load_peft(tmp_path / "p" / n, base, modules=MODULES) for n in ("one", "two")]
+  mixed = lora_fn.weighted_adapter(ours, weights, method=method, density=density)
+  ids, img = _inputs()
+  np.testing.assert_allclose(_ours(mixed, ids, img), _theirs(model, ids, img), rtol=1e-5, atol=1e-5)
+
+
+def test_cat_is_exactly_the_weighted_sum_and_svd_its_best_rank_k_fit():
+  base = _flax_params(_torch_base())
+  a = randomize(lora_fn.wrap(base, rank=3, alpha=5.0, targets=("fc1", "conv"), key=K(0)), K(1))
+  b = randomize(lora_fn.wrap(base, rank=2, alpha=2.0, targets=("fc1", "conv"), key=K(2)), K(3))
+  delta = lambda p: lora_fn.merge(p)["fc1"]["kernel"] - base["fc1"]["kernel"]
+  want = 0.6 * delta(a) + 1.5 * delta(b)
+  cat = lora_fn.weighted_adapter([a, b], [0.6, 1.5], method="cat")
+  assert cat["fc1"]["kernel"].rank == 5
+  np.testing.assert_allclose(delta(cat), want, rtol=1e-5, atol=1e-6)
+  svd = lora_fn.weighted_adapter([a, b], [0.6, 1.5], method="svd", rank=2)
+  u, s, vt = np.linalg.svd(np.asarray(want, np.float64))
+  np.testing.assert_allclose(delta(svd), (u[:, :2] * s[:2]) @ vt[:2], rtol=1e-5, atol=1e-5)
+
+
+def test_dare_keeps_a_density_fraction_rescaled():
+  base = {"fc": {"kernel": jnp.ones((64, 96))}}
+  a = randomize(lora_fn.wrap(base, rank=8, targets=("fc",), key=K(0)), K(1))
+  out = lora_fn.weighted_adapter([a], [1.0], method="dare_linear", density=0.3, key=K(2))
+  kept, orig = np.asarray(out["fc"]["kernel"].a), np.asarray(a["fc"]["kernel"].a)
+  nonzero = kept != 0
+  assert abs(nonzero.mean() - 0.3) < 0.04
+  np.testing.assert_allclose(kept[nonzero], orig[nonzero] / 0.3, rtol=1e-6)
+
+
+MIX_ERRORS = [
+  (dict(method="average"), ValueError, r"method must be one of \('linear', 'cat', 'svd'"),
+  (dict(method="cat", weights=[1.0]), ValueError, r"weights must hold 2 finite numbers"),
+  (dict(method="ties"), ValueError, r"method 'ties' needs density, the kept fraction in \(0, 1\]"),
+  (dict(method="ties", density=1.5), ValueError, r"density must be in \(0, 1\]; got: 1.5"),
+  (dict(method="ties", density=0.0), ValueError, r"density must be a positive finite number"),
+  (dict(method="dare_ties", density=0.5), ValueError, r"method 'dare_ties' prunes at random"),
+  (
+    dict(method="linear", ranks=(2, 3)),
+    ValueError,
+    r"method 'linear' needs adapters of one rank; at 'fc1/kernel' they have ranks \[2, 3\]",
+  ),
+  (dict(method="cat", density=0.5), ValueError, r"density is for the pruning methods"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, regex", MIX_ERRORS)
+def test_weighted_adapter_errors(kwargs, exc, regex):
+  base = _flax_params(_torch_base())
+  ranks = kwargs.pop("ranks", (2, 2))
+  adapters = [lora_fn.wrap(base, rank=r, targets=("fc1",), key=K(r)) for r in ranks]
+  weights = kwargs.pop("weights", [1.0, 1.0])
+  with pytest.raises(exc, match=regex):
+    lora_fn.weighted_adapter(adapters, weights, **kwargs)
