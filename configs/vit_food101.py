@@ -79,6 +79,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 200
   config.keep_checkpoints = 2
   config.log_every_steps = 10
-  config.export_merged = False
+  config.export_merged = False  # workdir/merged: the merged parameters (Orbax)
+  # workdir/peft: the best adapter + head as a PEFT directory (peft.PeftModel.from_pretrained);
+  # workdir/merged_hf: the best model merged, for transformers' from_pretrained.
+  config.export_peft = False
+  config.export_hf = False
   config.compare_baselines = False  # also train full fine-tuning and a linear probe
   return config

@@ -398,13 +398,32 @@ def test_two_process_run_trains_checkpoints_and_resumes(runs, tmp_path):
   assert "step 8: eval accuracy" in logs[0] and "eval accuracy" not in logs[1]
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_bfloat16_compute_trains_and_exports_merged(runs, tmp_path):
   _, data, _, _, _ = runs
   work = tmp_path / "w"
-  _run(work, data, "--config.model.compute_dtype=bfloat16", "--config.export_merged=True")
+  exports = ("--config.export_merged=True", "--config.export_peft=True", "--config.export_hf=True")
+  proc = _run(work, data, "--config.model.compute_dtype=bfloat16", *exports)
   losses = [r["loss"] for r in _records(work) if r["split"] == "train" and "loss" in r]
   assert len(losses) == 8 and all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert os.path.isdir(work / "merged") and os.path.isdir(work / "best_adapter")
+  # The random base has no Hugging Face checkpoint: it is written for the adapter to name.
+  assert f"PEFT adapter on {work}/base_hf written to {work}/peft" in proc.stdout
+  assert "what vLLM would refuse in it: it trains ['params/head/bias'" in proc.stdout
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  base = transformers.ViTForImageClassification.from_pretrained(str(work / "base_hf"))
+  with_adapter = peft.PeftModel.from_pretrained(base, str(work / "peft")).eval()
+  merged = transformers.ViTForImageClassification.from_pretrained(str(work / "merged_hf")).eval()
+  pixels = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (3, 3, 12, 12)).astype("f4"))
+  with torch.no_grad():
+    np.testing.assert_allclose(
+      with_adapter(pixel_values=pixels).logits,
+      merged(pixel_values=pixels).logits,
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
 
 def test_batch_that_does_not_split_over_the_mesh_is_an_error(tmp_path):
@@ -414,3 +433,107 @@ def test_batch_that_does_not_split_over_the_mesh_is_an_error(tmp_path):
   _assert_user_error(
     proc, r"batch_size 6 must divide evenly over the mesh's data x fsdp = 4 batch shards"
   )
+
+
+def _tiny_hf_vit(path):
+  """A saved tiny ``ViTModel`` (a pooler, no head: as google/vit-base-patch16-224-in21k)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  config = transformers.ViTConfig(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=24,
+    image_size=12,
+    patch_size=4,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+  )
+  transformers.ViTModel(config).save_pretrained(str(path))
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_exports_reproduce_the_best_eval_in_peft_and_transformers(tmp_path):
+  """A local Hugging Face base: PEFT (adapter on the base) and transformers (merged) give
+  the best eval's logits, fed the pixels our eval decoded."""
+  peft = pytest.importorskip("peft")
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  sys.path.insert(0, os.path.join(ROOT, "train"))
+  import data as data_lib
+  import run as run_lib
+
+  _tiny_hf_vit(tmp_path / "base")
+  _write_folder(tmp_path / "food")
+  config = run_lib.load_config_file(os.path.join(ROOT, "configs", "vit_food101.py"))
+  config.workdir, config.model.source = str(tmp_path / "w"), str(tmp_path / "base")
+  config.data.path, config.data.image_size, config.data.workers = str(tmp_path / "food"), 12, 0
+  config.batch_size, config.epochs, config.log_every_steps = 4, 2, 4
+  config.lora.rank, config.lora.targets, config.optim.lr = 2, ("query", "value", "mlp_in"), 0.01
+  config.export_peft = config.export_hf = True
+  result = run_lib.train_and_evaluate(config)
+  assert result["peft"] == str(tmp_path / "w" / "peft")
+  assert result["merged_hf"] == str(tmp_path / "w" / "merged_hf")
+  adapter = json.loads((tmp_path / "w" / "peft" / "adapter_config.json").read_text())
+  assert adapter["base_model_name_or_path"] == str(tmp_path / "base")
+  assert adapter["modules_to_save"] == ["classifier"] and adapter["lora_dropout"] == 0.1
+
+  _, eval_split = run_lib.load_splits(config)
+  pixels = np.stack([data_lib.to_pixels(x["image"], 12) for x in eval_split.source])
+  nchw = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+  best = np.load(tmp_path / "w" / "best_eval_logits.npy")
+  # The three lines of the README: the base with a head of the run's classes, the adapter.
+  base = transformers.ViTForImageClassification.from_pretrained(
+    str(tmp_path / "base"), num_labels=3
+  )
+  with_adapter = peft.PeftModel.from_pretrained(base, result["peft"]).eval()
+  merged = transformers.ViTForImageClassification.from_pretrained(result["merged_hf"]).eval()
+  assert merged.config.id2label == dict(enumerate(sorted(CLASSES)))
+  with torch.no_grad():
+    for model in (with_adapter, merged):
+      np.testing.assert_allclose(
+        model(pixel_values=nchw).logits.numpy(), best, rtol=1e-5, atol=1e-5
+      )
+
+
+def test_export_flags_are_checked_before_any_work():
+  sys.path.insert(0, os.path.join(ROOT, "train"))
+  import run as run_lib
+  import validation
+  from errors import ConfigError
+
+  config = run_lib.load_config_file(os.path.join(ROOT, "configs", "vit_food101.py"))
+  config.export_peft, config.export_hf, config.workdir = None, True, "gs://bucket/run"
+  with pytest.raises(ConfigError) as e:
+    validation.validate_config(config)
+  assert "config.export_peft must be True or False; got: None" in str(e.value)
+  assert (
+    "config.export_hf writes a local directory under config.workdir, so config.workdir must "
+    "be a local path; got: 'gs://bucket/run'" in str(e.value)
+  )
+
+
+def test_export_peft_of_what_peft_cannot_hold_stops_before_training():
+  sys.path.insert(0, os.path.join(ROOT, "train"))
+  import jax
+  import jax.numpy as jnp
+  import run as run_lib
+  import vit
+  from errors import ConfigError
+
+  import lorax_fn as lora_fn
+
+  model = vit.ViT(
+    num_classes=3, patch_size=4, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=24
+  )
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 12, 12, 3)))
+  base = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  params = lora_fn.wrap(base, rank=2, targets=("query",), key=jax.random.key(1))
+  run_lib.check_peft_export(model, params, ("head",))
+  with pytest.raises(
+    ConfigError,
+    match=r"config\.export_peft: the run trains \['params/pos_embed'\], which belong to no "
+    r"module of ViTForImageClassification.* may name the modules \['final_ln', 'head', 'key'",
+  ):
+    run_lib.check_peft_export(model, params, ("head", "pos_embed"))

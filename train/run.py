@@ -124,6 +124,87 @@ def wrap_base(config: Any, model: Any, base: Any) -> Any:
   )
 
 
+def on_host(tree: Any) -> Any:
+  """Every array of ``tree`` whole on this host; call it on every process (it gathers)."""
+
+  def one(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
+
+
+def check_peft_export(model: Any, params: Any, trainable: tuple[str, ...]) -> None:
+  """Raises before training, not after it, if PEFT could not name a module the run trains."""
+  modules = hf_vit.peft_modules(model, prefix="params")
+  mask = lora_fn.trainable_mask(params, trainable=trainable)
+  is_mark = lambda x: isinstance(x, bool) or lora_fn.is_lora(x)
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lora_fn.is_lora)[0]
+  unmapped = [
+    jax.tree_util.keystr(path, simple=True, separator="/")
+    for (path, leaf), mark in zip(flat, jax.tree.leaves(mask, is_leaf=is_mark), strict=True)
+    if (lora_fn.is_lora(leaf) or mark)
+    and jax.tree_util.keystr(path[:-1], simple=True, separator="/") not in modules
+  ]
+  if unmapped:
+    names = sorted({m.rsplit("/", 1)[-1] for m in modules})
+    raise ConfigError(
+      f"config.export_peft: the run trains {unmapped[:4]}, which belong to no module of "
+      f"ViTForImageClassification, so a PEFT adapter cannot hold them; config.lora.targets "
+      f"and lora.trainable may name the modules {names}"
+    )
+
+
+def export_peft(config: Any, model: Any, params: Any, base: Any, class_names: list[str]) -> str:
+  """Writes ``params``' adapters and head as a PEFT directory, ``workdir/peft``.
+
+  ``peft.PeftModel.from_pretrained(ViTForImageClassification.from_pretrained(base), path)``
+  loads it. An offline base (``random``, ``pretrain:digits``) has no Hugging Face checkpoint
+  to name, so ``base`` (its variables) is written as ``workdir/base_hf`` and named instead.
+  Every process calls this (arrays split across processes are gathered); process 0 writes.
+  """
+  path = os.path.abspath(os.path.join(config.workdir, "peft"))
+  source = config.model.source
+  trainable = tuple(config.lora.trainable)
+  host = on_host(params)
+  if source in validation.LOCAL_MODELS:
+    source = os.path.abspath(os.path.join(config.workdir, "base_hf"))
+    if jax.process_index() == 0:
+      hf_vit.save_hf_vit(source, model, on_host(base)["params"], class_names, overwrite=True)
+  elif os.path.exists(source):
+    source = os.path.abspath(source)
+  if jax.process_index() == 0:
+    modules = hf_vit.peft_modules(model, prefix="params")
+    lora_fn.save_peft(
+      path,
+      host,
+      modules=modules,
+      trainable=trainable,
+      base_model_name_or_path=source,
+      overwrite=True,
+    )
+    # Informational: vLLM serves language models, and a classifier trains its head.
+    problems = lora_fn.serving_problems(host, trainable=trainable)
+    print(f"PEFT adapter on {source} written to {path}")
+    print(f"  what vLLM would refuse in it: {'; '.join(problems) if problems else 'nothing'}")
+  return path
+
+
+def export_hf(config: Any, model: Any, params: Any, class_names: list[str]) -> str:
+  """Writes ``params``, LoRA merged, as a Hugging Face checkpoint, ``workdir/merged_hf``.
+
+  ``transformers.ViTForImageClassification.from_pretrained(path)`` loads it as a plain model.
+  Every process calls this (the merge runs where the weights are); process 0 writes.
+  """
+  path = os.path.abspath(os.path.join(config.workdir, "merged_hf"))
+  merged = on_host(lora_fn.merge(params))
+  if jax.process_index() == 0:
+    hf_vit.save_hf_vit(path, model, merged["params"], class_names, overwrite=True)
+    print(f"merged model for transformers written to {path}")
+  return path
+
+
 def init_distributed(config: Any) -> None:
   """``jax.distributed.initialize`` for a multi-process run; call before any other JAX call."""
   env = os.environ
@@ -254,7 +335,9 @@ def train_and_evaluate(config: Any) -> dict[str, Any]:
     ``workdir``; ``step`` (the last step trained) and ``interrupted`` (a signal stopped the
     run there); ``best_accuracy`` (-1.0 before any eval) and ``best_adapter`` (its path);
     ``curves`` (the plot's path, ``None`` if interrupted); ``merged`` (the merged weights'
-    path or ``None``); ``baselines`` (accuracy by method, with ``compare_baselines``).
+    path or ``None``); ``peft`` and ``merged_hf`` (the best adapter as a PEFT directory and
+    merged as a Hugging Face checkpoint, with ``export_peft`` / ``export_hf``, else ``None``);
+    ``baselines`` (accuracy by method, with ``compare_baselines``).
 
   Raises:
     ConfigError: a mistake in the config, or a library ``ValueError`` while setting up.
@@ -304,6 +387,8 @@ def train_and_evaluate(config: Any) -> dict[str, Any]:
     model, base = load_base(config, num_classes, workdir)
     params = wrap_base(config, model, base)
     trainable_spec = tuple(config.lora.trainable)
+    if config.export_peft:
+      check_peft_export(model, params, trainable_spec)
     if is_main:
       print(lora_fn.summary(params, trainable=trainable_spec))
     # Every weight on the mesh: LoRA factors follow their base's spec (rank axis replicated).
@@ -454,6 +539,8 @@ def train_and_evaluate(config: Any) -> dict[str, Any]:
     "best_adapter": os.path.join(workdir, "best_adapter"),
     "curves": None,
     "merged": None,
+    "peft": None,
+    "merged_hf": None,
     "baselines": None,
   }
   if interrupted:
@@ -465,6 +552,12 @@ def train_and_evaluate(config: Any) -> dict[str, Any]:
     result["curves"] = os.path.join(workdir, "curves.png")
     log.plot(result["curves"])
     print(f"skipped {skipped} unreadable images; curves in {result['curves']}")
+  if config.export_peft or config.export_hf:  # every process: the arrays may be split
+    best_params = lora_fn.restore_adapter(result["best_adapter"], params, trainable=trainable_spec)
+    if config.export_peft:
+      result["peft"] = export_peft(config, model, best_params, base, class_names)
+    if config.export_hf:
+      result["merged_hf"] = export_hf(config, model, best_params, class_names)
   if config.export_merged:  # every process: the merged weights are sharded like the base
     result["merged"] = os.path.abspath(os.path.join(workdir, "merged"))
     with ocp.StandardCheckpointer() as ckpt:

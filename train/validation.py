@@ -214,13 +214,20 @@ def _check_run(config: Any, problems: Problems) -> None:
     "log_every_steps",
   ):
     _int_at_least(config, problems, key, 1)
-  for key in ("export_merged", "compare_baselines"):
+  for key in ("export_merged", "export_peft", "export_hf", "compare_baselines"):
     _bool(config, problems, key)
   workdir = _require(config, problems, "workdir", "a directory path", _is_name)
   if isinstance(workdir, str) and workdir and not _is_remote(workdir):
     problem = _workdir_problem(workdir)
     if problem:
       problems.append(f"config.workdir {workdir!r} {problem}")
+  # PEFT and transformers read local directories: the exports are written with plain files.
+  for key in ("export_peft", "export_hf"):
+    if _get(config, key) is True and isinstance(workdir, str) and _is_remote(workdir):
+      problems.append(
+        f"config.{key} writes a local directory under config.workdir, so config.workdir must "
+        f"be a local path; got: {workdir!r}"
+      )
 
 
 def _workdir_problem(workdir: str) -> str | None:
