@@ -354,6 +354,15 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
   each step (``apply(params, x, dropout_key=jax.random.fold_in(key, step))``): the key is
   data, so a new key never retraces ``fn``.
 
+  With stacked adapters (:func:`stack_adapters`, :class:`AdapterPool`) it also takes
+  ``adapter_ids``: one slot per example (``-1``: the base alone). The arguments that hold
+  the parameters (any LoRA, stacked or quantised leaf) are shared; every other array
+  argument is per example along its axis 0 (the example axis), and every output keeps that
+  axis first. Row ``i`` of the output is what example ``i`` alone gives with its adapter:
+  each example runs as a batch of one with its slot's factors gathered, all in one vmapped
+  program (no ``W + s·BA`` per adapter). Gradients reach only the slots used, so several
+  adapters train at once on one mixed batch.
+
   ``fn`` is traced once per signature: the tree structure of the arguments, the shapes and
   dtypes of their arrays, and the values of their other leaves (Python scalars, strings:
   static, as ``jit``'s static arguments). As with ``jax.jit``, values ``fn`` closes over are
@@ -367,7 +376,13 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
       ``dropout_key=`` to the transformed function instead.
 
   Returns:
-    The transformed function, called as ``fn`` is, plus the optional ``dropout_key``.
+    The transformed function, called as ``fn`` is, plus the optional ``dropout_key`` and
+    ``adapter_ids``.
+
+  Raises:
+    ValueError: stacked adapters without ``adapter_ids`` (or the reverse), ids out of
+      ``[-1, slots)`` (checked when they are concrete; traced ones out of range count as
+      ``-1``), or a per-example argument whose axis 0 does not have one entry per id.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
