@@ -282,3 +282,20 @@ def test_save_hf_vit_errors(hf_dir, tmp_path):
   with pytest.raises(ValueError, match=r"already exists; pass overwrite=True"):
     hf_vit.save_hf_vit(tmp_path / "m", model, params, list("abcdefg"))
   hf_vit.save_hf_vit(tmp_path / "m", model, params, list("abcdefg"), overwrite=True)
+
+
+def test_modules_of_another_model_are_an_error(hf_dir, tmp_path):
+  """The scanned model's params with the unrolled model's names (or the other way round)."""
+  scanned, variables = _trained(hf_dir, True, True)
+  unrolled = scanned.clone(scan_layers=False)
+  with pytest.raises(
+    ValueError, match=r"modules names no PyTorch module for \['params/layers/key'"
+  ):
+    lora_fn.save_peft(
+      tmp_path / "a", variables, modules=hf_vit.peft_modules(unrolled, prefix="params")
+    )
+  _peft_adapter(hf_dir, tmp_path / "p")
+  with pytest.raises(
+    ValueError, match=r"names modules the model lacks: \['vit\.layers\.0\.attention\.q_proj'"
+  ):
+    lora_fn.load_peft(tmp_path / "p", variables["params"], modules=hf_vit.peft_modules(unrolled))
