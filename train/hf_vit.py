@@ -483,8 +483,8 @@ def save_hf_vit(
       f"class_names must be {model.num_classes} distinct names, one per output of the head; "
       f"got: {names[:8]!r}"
     )
-  has_lora = lambda x: lora_fn.is_lora(x) or lora_fn.is_quant(x)
-  if any(has_lora(x) for x in jax.tree.leaves(params, is_leaf=has_lora)):
+  is_node = lambda x: lora_fn.is_lora(x) or lora_fn.is_quant(x)
+  if any(is_node(x) for x in jax.tree.leaves(params, is_leaf=is_node)):
     params = lora_fn.merge(params)
   flat = _flat_arrays(unstack_layers(params, model.num_layers) if model.scan_layers else params)
   spec = _spec(model.num_layers, model.num_heads, head=True)

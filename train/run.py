@@ -17,7 +17,9 @@ optimizer state, keyed by tree path and checksummed; see ``checkpoint.py``) are 
 ``checkpoint_every_steps`` and the run resumes from the newest intact one automatically;
 batches are indexed by step, so a resumed run reads the same data as an uninterrupted one.
 Metrics go to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``); ``workdir/curves.png``
-plots them at the end. The whole config is checked before any work: a mistake ends the CLI
+plots them at the end. ``export_peft`` / ``export_hf`` write the best adapter as a PEFT
+directory (``workdir/peft``) and the best model merged for transformers
+(``workdir/merged_hf``). The whole config is checked before any work: a mistake ends the CLI
 with one paragraph on stderr and exit status 2 (``--debug`` or ``LORAX_FN_DEBUG=1`` shows the
 traceback).
 """
