@@ -162,6 +162,20 @@ def _check_modules(modules: Any) -> None:
     raise TypeError(f"modules must be a mapping or a callable; got: {modules!r}")
 
 
+def _check_keys(modules: Modules, paths: list[str]) -> None:
+  """Every key of a ``modules`` mapping must be a module path of ``params``."""
+  if callable(modules):
+    return
+  known = {p.rpartition("/")[0] for p in paths}
+  for key in modules:
+    if key not in known:
+      raise ValueError(
+        f"modules key {key!r} is not a module path of params; nearest: "
+        f"{_paths.nearest_paths(key, sorted(known))} (a 'params/' prefix, or a scanned vs "
+        "unrolled model?)"
+      )
+
+
 def _check_distinct(sites: list[_Site], suffix: Callable[[_Site], str]) -> None:
   """Two of our paths must never be written to one PyTorch name."""
   seen: dict[str, str] = {}
@@ -360,7 +374,7 @@ def _save_sites(params: Any, modules: Modules, trainable: Any, bias: str):
   mask = trainable_mask(params, trainable=trainable, bias=bias)
   chosen = trainable_mask(params, trainable=trainable, allow_empty=True)  # not the biases
   is_mark = lambda x: isinstance(x, bool) or is_lora(x)
-  _flat(params)  # refuses stacks
+  _check_keys(modules, [p for p, _ in _flat(params)])  # (and _flat refuses stacks)
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
   loras, extras, to_save, unmapped = [], [], set(), []
   for (keys, leaf), mark, pick in zip(
@@ -585,6 +599,7 @@ def _load_sites(params: Any, modules: Modules, layouts: Any) -> tuple[dict, dict
 
   flat = _flat(params)
   paths = [p for p, _ in flat]
+  _check_keys(modules, paths)
   layouts = _paths.check_patterns("layouts", layouts, paths, paths)
   kernels: dict[str, tuple[_Site, int]] = {}
   leaves: dict[str, tuple[_Site, int]] = {}
@@ -598,8 +613,11 @@ def _load_sites(params: Any, modules: Modules, layouts: Any) -> tuple[dict, dict
     shape = tuple(base.shape)
     roles = leaf.roles if is_lora(leaf) else layouts.lookup(path)
     if roles is None and name in _KERNEL_NAMES + ("w", "weight") and len(shape) >= 2:
+      # A '{}' in the module name says axis 0 stacks layers: the rest is one layer's kernel.
+      stacked = "{}" in raw[0]
       try:
-        roles = default_layout(path, shape)
+        inner = default_layout(path, shape[1:] if stacked else shape)
+        roles = ("stack",) * stacked + tuple(inner)
       except ValueError as e:
         for names in _per_layer(raw, shape[0], path) if "{}" in raw[0] else (raw,):
           for n in names:

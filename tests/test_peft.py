@@ -223,7 +223,7 @@ def test_scan_stacked_layers_are_one_module_each(tmp_path):
     theirs = model(torch.as_tensor(x)).numpy()
   ours = lora_fn.lora(_Stack().apply)({"params": params}, x)
   np.testing.assert_allclose(theirs, np.asarray(ours), rtol=1e-5, atol=1e-5)
-  back = lora_fn.load_peft(tmp_path / "a", base, modules=modules, layouts=layouts)
+  back = lora_fn.load_peft(tmp_path / "a", base, modules=modules)  # '{}': axis 0 stacks
   np.testing.assert_array_equal(
     back["blocks"]["fc"]["kernel"].a, params["blocks"]["fc"]["kernel"].a
   )
