@@ -269,7 +269,10 @@ def test_key_at_build_time_is_deprecated_but_still_applies_dropout():
   assert_trees_equal(old(wrapped, x), lora_fn.lora(fn)(wrapped, x, dropout_key=K(3)))
 
 
-def test_trace_cache_is_least_recently_used_and_reads_closures_like_jit():
+def test_trace_cache_is_least_recently_used_and_reads_closures_like_jit(monkeypatch):
+  import lorax_fn._interpret as interpret
+
+  monkeypatch.setattr(interpret, "_CACHE_SIZE", 6)  # the rule, on a cache small to fill
   traces = []
   scale = {"value": 2.0}
 
@@ -280,7 +283,7 @@ def test_trace_cache_is_least_recently_used_and_reads_closures_like_jit():
   wrapped = lora_fn.wrap({"w": jnp.ones((5, 7))}, rank=2, targets=("w",), key=K(0))
   apply = lora_fn.lora(fn)
   hot = jnp.ones((1, 5))
-  for n in range(2, 80):  # more shapes than the cache holds; the hot one is used throughout
+  for n in range(2, 12):  # more shapes than the cache holds; the hot one is used throughout
     apply(wrapped, hot)
     apply(wrapped, jnp.ones((n, 5)))
   assert traces.count((1, 5)) == 1
