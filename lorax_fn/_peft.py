@@ -50,7 +50,6 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _UNSUPPORTED = {
   "use_dora": False,
   "lora_bias": False,
-  "fan_in_fan_out": False,
   "layers_to_transform": None,
   "layer_replication": None,
   "trainable_token_indices": None,
@@ -127,8 +126,14 @@ def _kernel_site(path: str, raw: tuple[str, ...], shape: tuple, roles: tuple) ->
   return _Site(path, names, roles, kind, "weight", bool(stacks))
 
 
-def _param_site(path: str, raw: tuple[str, ...], leaf: Any) -> _Site:
-  """A leaf written whole (a trained module's weight, a bias), per layer if the name says."""
+def _param_site(
+  path: str, raw: tuple[str, ...], leaf: Any, layout: Any = None, in_lora_module: bool = False
+) -> _Site:
+  """A leaf written whole (a trained module's weight, a bias), per layer if the name says.
+
+  ``layout`` is the kernel's (``layouts=``), else :func:`default_layout`'s. The bias of a
+  module PEFT wraps with LoRA is its ``base_layer.bias``.
+  """
   from lorax_fn._wrap import default_layout  # (an import cycle at module level)
 
   name = path.rsplit("/", 1)[-1]
@@ -137,11 +142,17 @@ def _param_site(path: str, raw: tuple[str, ...], leaf: Any) -> _Site:
   inner = shape[1:] if stacked else shape
   roles, kind = None, ""
   if name in _KERNEL_NAMES and len(inner) >= 2:
-    inner_roles = tuple(default_layout(path, inner))
+    given = tuple(layout) if layout is not None else None
+    if given is not None and given[:1] == ("stack",):
+      given = given[1:]
+    inner_roles = given or tuple(default_layout(path, inner))
     roles = (("stack",) if stacked else ()) + inner_roles
     kind = _torch_layout.kind(name, inner_roles)
   names = _per_layer(raw, shape[0] if stacked else None, path)
-  return _Site(path, names, roles, kind, _PARAM_NAMES.get(name, name), stacked)
+  param = _PARAM_NAMES.get(name, name)
+  if in_lora_module:
+    param = "base_layer." + param
+  return _Site(path, names, roles, kind, param, stacked)
 
 
 def _flat(params: Any) -> list[tuple[str, Any]]:
@@ -233,27 +244,10 @@ def _pattern_keys(groups: Mapping[Any, list[str]], default: Any) -> dict[str, An
   return out
 
 
-def _target_modules(names: list[str], modules: Modules, layers: int) -> list[str]:
-  """Last names where they select exactly the adapted modules of a mapping, else full names.
-
-  PEFT adapts every module whose name ends in an entry; a mapping lists the modules it
-  knows, so a last name is used only when all of those it would select are adapted.
-  """
-  if callable(modules):
-    return sorted(names)  # the callable's other modules are unknown: be exact
-  known = set()
-  for value in modules.values():
-    first = value if isinstance(value, str) else value[0]
-    known |= {first.format(i) for i in range(layers)} if "{}" in first else {first}
-  chosen, out = set(names), []
-  for short in sorted({n.rsplit(".", 1)[-1] for n in names}):
-    same = {n for n in known | chosen if n.rsplit(".", 1)[-1] == short}
-    # A number ("layers.0") names a position, not a kind of module: keep such names whole.
-    if same <= chosen and not short.isdigit():
-      out.append(short)
-    else:
-      out += sorted(n for n in chosen if n.rsplit(".", 1)[-1] == short)
-  return out
+def _target_modules(names: list[str]) -> list[str]:
+  """The adapted modules' full names: a last name (``fc1``) would also make PEFT adapt any
+  other module of that name, which ``modules`` may not list."""
+  return sorted(set(names))
 
 
 def _number(x: float) -> int | float:
@@ -271,6 +265,8 @@ def save_peft(
   task_type: str | None = None,
   strict_serving: bool = False,
   max_lora_rank: int = 16,
+  heads: Sequence[str] = ("lm_head",),
+  layouts: Mapping[str, Sequence[str]] | None = None,
   overwrite: bool = False,
 ) -> None:
   """Writes the adapters (and fully trained modules) as a PEFT LoRA directory.
@@ -292,6 +288,9 @@ def save_peft(
     task_type: PEFT's task type, e.g. ``"CAUSAL_LM"`` (``None`` for other models).
     strict_serving: raise instead of writing if vLLM would refuse the adapter.
     max_lora_rank: the vLLM server's ``--max-lora-rank``, for ``strict_serving``.
+    heads: module names that count as an output head, for ``strict_serving``.
+    layouts: layouts of fully trained kernels whose default layout is ambiguous (a 3-D
+      ``DenseGeneral``), as for :func:`wrap`.
     overwrite: replace an existing directory.
 
   Raises:
@@ -306,14 +305,16 @@ def save_peft(
     >>> d = tempfile.mkdtemp() + "/peft"
     >>> lora_fn.save_peft(d, p, modules={"fc": "model.fc"})
     >>> json.loads(pathlib.Path(d, "adapter_config.json").read_text())["target_modules"]
-    ['fc']
+    ['model.fc']
   """
   if bias not in ("none", "all", "lora_only"):
     raise ValueError(f"bias must be one of ('none', 'all', 'lora_only'); got: {bias!r}")
   _check_modules(modules)
-  loras, extras, modules_to_save = _save_sites(params, modules, trainable, bias)
+  loras, extras, modules_to_save = _save_sites(params, modules, trainable, bias, layouts)
   if strict_serving:
-    problems = serving_problems(params, trainable=trainable, bias=bias, max_lora_rank=max_lora_rank)
+    problems = serving_problems(
+      params, trainable=trainable, bias=bias, max_lora_rank=max_lora_rank, heads=heads
+    )
     if problems:
       raise ValueError("vLLM would refuse this adapter: " + "; ".join(problems))
   leaves = dict(_flat(params))
@@ -344,14 +345,13 @@ def save_peft(
       tensors[f"{PREFIX}{names[0]}.{site.param}"] = np.ascontiguousarray(value)
   r = max(ranks, key=lambda k: len(ranks[k]))
   alpha = max(alphas, key=lambda k: len(alphas[k]))
-  layers = max(len(s.names) for s in loras)
   config = {
     "peft_type": "LORA",
     "task_type": task_type,
     "base_model_name_or_path": base_model_name_or_path,
     "r": r,
     "lora_alpha": alpha,
-    "target_modules": _target_modules([n[0] for s in loras for n in s.names], modules, layers),
+    "target_modules": _target_modules([n[0] for s in loras for n in s.names]),
     "rank_pattern": _pattern_keys(ranks, r),
     "alpha_pattern": _pattern_keys(alphas, alpha),
     "use_rslora": options["rslora"].pop(),
@@ -360,7 +360,6 @@ def save_peft(
     "bias": bias,
     "modules_to_save": modules_to_save or None,
     "init_lora_weights": True,
-    "fan_in_fan_out": False,
     "inference_mode": True,
     "layers_to_transform": None,
     "layers_pattern": None,
@@ -369,13 +368,16 @@ def save_peft(
   _write(path, config, tensors, overwrite)
 
 
-def _save_sites(params: Any, modules: Modules, trainable: Any, bias: str):
+def _save_sites(params: Any, modules: Modules, trainable: Any, bias: str, layouts: Any):
   """The LoRA sites, the trained-leaf sites and ``modules_to_save``; unmapped is an error."""
   mask = trainable_mask(params, trainable=trainable, bias=bias)
   chosen = trainable_mask(params, trainable=trainable, allow_empty=True)  # not the biases
   is_mark = lambda x: isinstance(x, bool) or is_lora(x)
-  _check_keys(modules, [p for p, _ in _flat(params)])  # (and _flat refuses stacks)
+  paths = [p for p, _ in _flat(params)]  # (_flat refuses stacks)
+  _check_keys(modules, paths)
+  layouts = _paths.check_patterns("layouts", layouts, paths, paths)
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
+  lora_modules = {_paths.path_str(k).rpartition("/")[0] for k, x in flat if is_lora(x)}
   loras, extras, to_save, unmapped = [], [], set(), []
   for (keys, leaf), mark, pick in zip(
     flat,
@@ -394,7 +396,13 @@ def _save_sites(params: Any, modules: Modules, trainable: Any, bias: str):
       leaf.check(path)
       loras.append(_kernel_site(path, raw, tuple(leaf.shape), leaf.roles))
     else:
-      extras.append(_param_site(path, raw, leaf))
+      in_lora = module in lora_modules
+      if pick and in_lora:
+        raise ValueError(
+          f"trainable selects {path!r}, in the module of a LoRA kernel: PEFT cannot train a "
+          "module fully and adapt it (its trained biases go with bias='all' or 'lora_only')"
+        )
+      extras.append(_param_site(path, raw, leaf, layouts.lookup(path), in_lora))
       if pick:
         to_save |= {names[0] for names in extras[-1].names}
   if unmapped:
@@ -604,11 +612,17 @@ def _load_sites(params: Any, modules: Modules, layouts: Any) -> tuple[dict, dict
   kernels: dict[str, tuple[_Site, int]] = {}
   leaves: dict[str, tuple[_Site, int]] = {}
   ambiguous: dict[str, str] = {}
+  owners: dict[str, str] = {}  # PyTorch module name -> our module path
   for path, leaf in flat:
     module, _, name = path.rpartition("/")
     raw = _raw_names(modules, module)
     if not raw:
       continue
+    for n in raw:
+      if owners.setdefault(n, module) != module:
+        raise ValueError(
+          f"modules maps both {owners[n]!r} and {module!r} to the PyTorch module {n!r}"
+        )
     base = leaf.w if is_lora(leaf) else leaf
     shape = tuple(base.shape)
     roles = leaf.roles if is_lora(leaf) else layouts.lookup(path)
@@ -625,17 +639,29 @@ def _load_sites(params: Any, modules: Modules, layouts: Any) -> tuple[dict, dict
     if roles is not None:
       site = _kernel_site(path, raw, shape, tuple(roles))
       for i, names in enumerate(site.names):
-        kernels.update({n: (site, i) for n in names})
+        for n in names:
+          _claim(kernels, n, site, i)
     if not is_lora(leaf):
       try:
-        site = _param_site(path, raw, leaf)
+        site = _param_site(path, raw, leaf, roles if name in _KERNEL_NAMES else None)
       except ValueError as e:  # an ambiguous layout: an error only if the adapter names it
         param = _PARAM_NAMES.get(name, name)
         ambiguous.update({f"{n}.{param}": str(e) for n in raw})
         continue
       for i, names in enumerate(site.names):
-        leaves.update({f"{n}.{site.param}": (site, i) for n in names})
+        for n in names:  # PEFT keeps the bias of a module it adapts as base_layer.bias
+          _claim(leaves, f"{n}.{site.param}", site, i)
+          _claim(leaves, f"{n}.base_layer.{site.param}", site, i)
   return kernels, leaves, ambiguous
+
+
+def _claim(table: dict, name: str, site: _Site, layer: int) -> None:
+  """Maps a PyTorch name to one of our paths; two paths on one name are an error."""
+  if name in table and table[name][0].path != site.path:
+    raise ValueError(
+      f"modules maps both {table[name][0].path!r} and {site.path!r} to the PyTorch name {name!r}"
+    )
+  table[name] = (site, layer)
 
 
 def load_peft(
@@ -708,12 +734,17 @@ def load_peft(
       raise ValueError(f"{where} holds {key!r}, but {ambiguous[name]}")
     elif name in leaves:
       site, i = leaves[name]
+      if config.get("fan_in_fan_out") and site.kind:
+        raise ValueError(
+          f"{where}: fan_in_fan_out=True stores {key!r} transposed (a GPT-2 Conv1D); "
+          "lorax_fn reads such adapters' LoRA factors, not their fully trained kernels"
+        )
       sites[site.path] = site
       extras[site.path][i] = (key, value)
     else:
       unknown.append(name.rpartition(".")[0] or name)
   if unknown:
-    known = sorted(set(kernels) | {k.rpartition(".")[0] for k in leaves})
+    known = sorted(set(kernels) | {k.rpartition(".")[0] for k in leaves if ".base_layer." not in k})
     first = sorted(set(unknown))[0]
     raise ValueError(
       f"{where} names modules the model lacks: {sorted(set(unknown))[:6]}; nearest known "

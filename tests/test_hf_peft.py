@@ -167,7 +167,19 @@ def test_ours_to_peft(hf_dir, tmp_path, scan_layers, rslora):
   modules = hf_vit.peft_modules(model, prefix="params")
   lora_fn.save_peft(tmp_path / "a", variables, modules=modules, trainable=("head",))
   config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-  assert config["target_modules"] == ["fc1", "fc2", "k_proj", "o_proj", "q_proj", "v_proj"]
+  # Full names: a last name would make PEFT adapt every module of that name.
+  assert config["target_modules"] == sorted(
+    f"vit.layers.{i}.{m}"
+    for i in range(model.num_layers)
+    for m in (
+      "attention.k_proj",
+      "attention.o_proj",
+      "attention.q_proj",
+      "attention.v_proj",
+      "mlp.fc1",
+      "mlp.fc2",
+    )
+  )
   assert (config["rank_pattern"], config["alpha_pattern"]) == ({"fc1": 8}, {"o_proj": 3})
   assert config["modules_to_save"] == ["classifier"] and config["use_rslora"] is rslora
   theirs = peft.PeftModel.from_pretrained(_base(hf_dir), str(tmp_path / "a")).eval()

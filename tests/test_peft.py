@@ -125,6 +125,27 @@ def test_ours_to_peft(tmp_path, rslora):
   )
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_round_trip_with_peft(tmp_path, bias):
+  # PEFT keeps the bias of a module it adapts as <module>.base_layer.bias.
+  net = _torch_base()
+  params = lora_fn.wrap(_flax_params(net), rank=3, targets=("conv", "fc1"), key=K(0))
+  params = randomize(params, K(1))
+  params["fc1"]["bias"] = params["fc1"]["bias"] + 0.7
+  params["conv"]["bias"] = params["conv"]["bias"] - 0.3
+  params["fc2"]["bias"] = params["fc2"]["bias"] + 0.2  # trained only with bias="all"
+  lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, bias=bias)
+  model = peft.PeftModel.from_pretrained(_torch_base(), str(tmp_path / "a")).eval()
+  if bias == "lora_only":
+    params["fc2"]["bias"] = _flax_params(net)["fc2"]["bias"]
+  ids, img = _inputs()
+  np.testing.assert_allclose(
+    _theirs(model, ids, img), _ours(params, ids, img), rtol=1e-5, atol=1e-5
+  )
+  back = lora_fn.load_peft(tmp_path / "a", _flax_params(_torch_base()), modules=MODULES)
+  np.testing.assert_allclose(_ours(back, ids, img), _ours(params, ids, img), rtol=1e-6, atol=1e-6)
+
+
 def _peft_adapter(path, **config):
   model = peft.get_peft_model(
     _torch_base(),
@@ -462,3 +483,18 @@ def test_weighted_adapter_errors(kwargs, exc, regex):
   weights = kwargs.pop("weights", [1.0, 1.0])
   with pytest.raises(exc, match=regex):
     lora_fn.weighted_adapter(adapters, weights, **kwargs)
+
+
+def test_load_refuses_two_paths_on_one_module_and_kernels_of_a_transposed_kind(tmp_path):
+  _write_peft(tmp_path / "p", LORA, FACTORS)
+  base = _flax_params(_torch_base())
+  with pytest.raises(
+    ValueError, match=r"modules maps both 'fc1' and 'fc2' to the PyTorch module 'fc1'"
+  ):
+    lora_fn.load_peft(tmp_path / "p", base, modules={**MODULES, "fc2": "fc1"})
+  head = {"base_model.model.fc2.weight": np.zeros((OUT, HID), np.float32)}
+  _write_peft(tmp_path / "q", {**LORA, "fan_in_fan_out": True}, {**FACTORS, **head})
+  with pytest.raises(ValueError, match=r"fan_in_fan_out=True stores 'base_model.model.fc2.weight'"):
+    lora_fn.load_peft(tmp_path / "q", base, modules=MODULES)
+  _write_peft(tmp_path / "r", {**LORA, "fan_in_fan_out": True}, FACTORS)  # factors only: fine
+  assert lora_fn.load_peft(tmp_path / "r", base, modules=MODULES)["fc1"]["kernel"].rank == 2
