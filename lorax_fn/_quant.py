@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -140,8 +141,13 @@ class QuantLeaf:
     absmax: float32 block scales, or ``None`` with double quantisation.
     absmax_codes: uint8 8-bit dynamic codes of ``absmax - offset`` (double quantisation).
     absmax_scale: float32 scales of those codes, one per 256 blocks.
-    offset: float32 mean of the block scales that double quantisation subtracts.
-    kind, shape, dtype, block_size: static.
+    offset: float32 mean of the block scales that double quantisation subtracts: a scalar,
+      or one per layer for a stack of separately quantised layers (a bitsandbytes checkpoint
+      loaded with scanned layers: each layer's scales are whole blocks of 256).
+    kind, shape, dtype, block_size: static. ``shape`` is the logical shape the model sees.
+    transposed: static; the codes encode the array with its last two axes swapped (PyTorch's
+      ``(out, in)`` order of a Flax ``(in, out)`` kernel), as bitsandbytes checkpoints store
+      them: blocks run along ``in`` and straddle the rows of ``out``.
   """
 
   codes: jax.Array
@@ -153,10 +159,21 @@ class QuantLeaf:
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   dtype_name: str = dataclasses.field(metadata=dict(static=True))
   block_size: int = dataclasses.field(metadata=dict(static=True))
+  transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
   def dtype(self) -> np.dtype:
     return jnp.dtype(self.dtype_name)
+
+  @property
+  def stored_shape(self) -> tuple[int, ...]:
+    """The shape of the array the codes encode, row-major."""
+    return _stored(self.shape, self.transposed)
+
+  @property
+  def row_axis(self) -> int:
+    """The logical axis whose index is the stored axis 0 (what :meth:`decode_rows` slices)."""
+    return _row_axis(self.shape, self.transposed)
 
   @property
   def ndim(self) -> int:
@@ -177,8 +194,11 @@ class QuantLeaf:
     # fused multiply-add, which rounds once and moves the last bit of about 1 scale in 20.
     # Multiplying the rounded product by a 1 the compiler cannot prove is 1 leaves it nothing
     # to contract but ``fma(p, 1, offset)``, which is exactly ``round(p + offset)``.
-    one = 1.0 + 0.0 * self.offset
-    return (dyn * per) * one + self.offset
+    offset = self.offset
+    if jnp.ndim(offset):  # one offset per stacked layer, each layer the same number of blocks
+      offset = jnp.repeat(offset, dyn.shape[0] // offset.shape[0])
+    one = 1.0 + 0.0 * offset
+    return (dyn * per) * one + offset
 
   def decode_flat(self, first: Any, n: int) -> jax.Array:
     """Elements ``first .. first + n`` of the flattened array, decoded in float32.
@@ -197,18 +217,19 @@ class QuantLeaf:
     return (code[q].reshape(-1, self.block_size) * scales[:, None]).reshape(-1)
 
   def decode_rows(self, start: Any, rows: int) -> jax.Array:
-    """Rows ``start .. start + rows`` along axis 0, decoded in float32.
+    """Indices ``start .. start + rows`` of :attr:`row_axis` (stored rows), in float32.
 
+    That is axis 0, except for a transposed 2-D kernel, whose stored rows are its columns.
     ``rows`` times the row size must be a multiple of the block size (and even for 4-bit
     codes); ``start`` may be traced.
     """
-    row = math.prod(self.shape[1:])
-    return self.decode_flat(start * row, rows * row).reshape(rows, *self.shape[1:])
+    return _decode_rows(self, 0, self.stored_shape, self.transposed, start, rows)
 
   def sliceable(self) -> bool:
     """Whether each index of axis 0 starts on a block (and byte) boundary."""
     row = math.prod(self.shape[1:])
-    return row % self.block_size == 0 and (self.kind == "int8" or row % 2 == 0)
+    aligned = row % self.block_size == 0 and (self.kind == "int8" or row % 2 == 0)
+    return aligned and self.row_axis == 0
 
   def dequantize(self, dtype: Any = None) -> jax.Array:
     """``code[q] * absmax`` in float32, cast to ``dtype`` (default: the original dtype)."""
@@ -219,8 +240,30 @@ class QuantLeaf:
     scales = self.scales()
     pad = (-n) % self.block_size
     values = jnp.pad(values, (0, pad)).reshape(-1, self.block_size) * scales[:, None]
-    out = values.reshape(-1)[:n].reshape(self.shape)
+    out = _logical(values.reshape(-1)[:n].reshape(self.stored_shape), self.transposed)
     return out.astype(self.dtype if dtype is None else dtype)
+
+
+def _stored(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
+  return (*shape[:-2], shape[-1], shape[-2]) if transposed else tuple(shape)
+
+
+def _row_axis(shape: tuple[int, ...], transposed: bool) -> int:
+  return len(shape) - 1 if transposed and len(shape) == 2 else 0
+
+
+def _logical(x: jax.Array, transposed: bool) -> jax.Array:
+  """A decoded stored array (or run of stored rows) in the logical axis order."""
+  return jnp.swapaxes(x, -1, -2) if transposed else x
+
+
+def _decode_rows(
+  stack: QuantLeaf, first: Any, stored: tuple[int, ...], transposed: bool, start: Any, rows: int
+) -> jax.Array:
+  """Stored rows ``start ..`` of the array whose flat codes begin at ``first`` in ``stack``."""
+  row = math.prod(stored[1:])
+  flat = stack.decode_flat(first + start * row, rows * row)
+  return _logical(flat.reshape(rows, *stored[1:]), transposed)
 
 
 _CODES = {"nf4": NF4_CODE, "int4": INT4_CODE, "int8": INT8_CODE}
@@ -254,35 +297,128 @@ class QuantSlice:
   def block_size(self) -> int:
     return self.stack.block_size
 
+  @property
+  def transposed(self) -> bool:
+    return self.stack.transposed
+
+  @property
+  def row_axis(self) -> int:
+    return _row_axis(self.shape, self.transposed)
+
   def decode_rows(self, start: Any, rows: int) -> jax.Array:
-    row = math.prod(self.shape[1:])
-    first = self.index * math.prod(self.shape) + start * row
-    return self.stack.decode_flat(first, rows * row).reshape(rows, *self.shape[1:])
+    first, stored = self.index * math.prod(self.shape), self.stack.stored_shape[1:]
+    return _decode_rows(self.stack, first, stored, self.transposed, start, rows)
 
   def sliceable(self) -> bool:
     return False  # a scan over a slice of a stack decodes the slice whole
 
   def dequantize(self, dtype: Any = None) -> jax.Array:
     n = math.prod(self.shape)
-    out = self.stack.decode_flat(self.index * n, n).reshape(self.shape)
+    flat = self.stack.decode_flat(self.index * n, n)
+    out = _logical(flat.reshape(self.stack.stored_shape[1:]), self.transposed)
     return out.astype(self.dtype if dtype is None else dtype)
 
 
 def quantize_array(
-  x: Any, kind: str, *, block_size: int = 64, double_quant: bool = True, chunk_blocks: int = 1 << 16
+  x: Any,
+  kind: str,
+  *,
+  block_size: int = 64,
+  double_quant: bool = True,
+  chunk_blocks: int = 1 << 16,
+  torch_order: bool = False,
 ) -> QuantLeaf:
-  """Quantises one array on the host, ``chunk_blocks`` blocks at a time."""
+  """Quantises one array on the host, ``chunk_blocks`` blocks at a time.
+
+  With ``torch_order`` the codes encode ``x`` with its last two axes swapped, the ``(out,
+  in)`` order PyTorch (and so bitsandbytes) stores an ``(in, out)`` kernel in: the codes and
+  scales are bitsandbytes' of the PyTorch weight, and the leaf is ``transposed``.
+  """
   host = np.asarray(jax.device_get(x))
-  flat = host.reshape(-1)
-  step = chunk_blocks * block_size
-  codes, absmax = [], []
-  for start in range(0, flat.size, step):
-    c, a = blockwise(flat[start : start + step], block_size, _CODES[kind])
-    codes.append(c)
+  if torch_order and host.ndim < 2:
+    raise ValueError(f"torch_order needs an array of at least 2 axes; got shape {host.shape}")
+  stored = np.swapaxes(host, -1, -2) if torch_order else host
+  return quantize_pieces(
+    _pieces(stored, chunk_blocks * block_size),
+    kind,
+    shape=host.shape,
+    dtype=host.dtype,
+    block_size=block_size,
+    double_quant=double_quant,
+    transposed=torch_order,
+  )
+
+
+def _pieces(stored: np.ndarray, step: int) -> Iterator[np.ndarray]:
+  """``stored`` flattened row-major, in pieces of about ``step`` elements, one copied at a time.
+
+  A view with swapped axes is copied row run by row run, never whole.
+  """
+  if stored.ndim < 2:
+    flat = stored.reshape(-1)
+    for start in range(0, flat.size, step):
+      yield flat[start : start + step]
+    return
+  rows = max(1, step // max(stored.shape[-1], 1))
+  for matrix in stored.reshape(-1, *stored.shape[-2:]):
+    for start in range(0, matrix.shape[0], rows):
+      yield matrix[start : start + rows].reshape(-1)
+
+
+def quantize_pieces(
+  pieces: Iterable[Any],
+  kind: str,
+  *,
+  shape: tuple[int, ...],
+  dtype: Any,
+  block_size: int = 64,
+  double_quant: bool = True,
+  transposed: bool = False,
+) -> QuantLeaf:
+  """Quantises an array given as consecutive pieces of its flattened stored (row-major) order.
+
+  The codes equal :func:`quantize_array` of the whole array; only one piece (plus less than a
+  block) is held in float at a time, so a stack of layers can be quantised as it is read.
+
+  Args:
+    pieces: arrays whose concatenated flattenings are the stored array, any sizes.
+    kind: ``"nf4"``, ``"int4"`` or ``"int8"``.
+    shape: the logical shape of the leaf.
+    dtype: the dtype :meth:`QuantLeaf.dequantize` returns by default.
+    block_size: elements per block.
+    double_quant: quantise the block scales too.
+    transposed: the pieces are of the array with the last two axes of ``shape`` swapped.
+
+  Returns:
+    The :class:`QuantLeaf`.
+
+  Raises:
+    ValueError: if the pieces hold a different number of elements than ``shape``.
+  """
+  code = _CODES[kind]
+  unit = block_size if kind == "int8" or block_size % 2 == 0 else 2 * block_size
+  codes, absmax, seen = [], [], 0
+  carry = np.zeros((0,), np.float32)
+  for piece in pieces:
+    flat = np.asarray(piece, np.float32).reshape(-1)
+    seen += flat.size
+    if carry.size:
+      flat = np.concatenate([carry, flat])
+    whole = flat.size - flat.size % unit
+    carry = flat[whole:]
+    if whole:
+      c, a = blockwise(flat[:whole], block_size, code)
+      codes.append(pack4(c) if kind != "int8" else c)
+      absmax.append(a)
+  if carry.size:
+    c, a = blockwise(carry, block_size, code)
+    codes.append(pack4(c) if kind != "int8" else c)
     absmax.append(a)
-  q = np.concatenate(codes)
-  scales = np.concatenate(absmax)
-  packed = pack4(q) if kind != "int8" else q
+  if seen != math.prod(shape):
+    n = math.prod(shape)
+    raise ValueError(f"the pieces hold {seen} elements; shape {tuple(shape)} has {n}")
+  scales = np.concatenate(absmax) if absmax else np.zeros((0,), np.float32)
+  packed = np.concatenate(codes) if codes else np.zeros((0,), np.uint8)
   fields: dict[str, Any] = dict(
     absmax=jnp.asarray(scales), absmax_codes=None, absmax_scale=None, offset=None
   )
@@ -299,9 +435,10 @@ def quantize_array(
     jnp.asarray(packed),
     **fields,
     kind=kind,
-    shape=tuple(host.shape),
-    dtype_name=str(host.dtype),
+    shape=tuple(shape),
+    dtype_name=str(np.dtype(dtype)),
     block_size=block_size,
+    transposed=transposed,
   )
 
 
@@ -317,6 +454,7 @@ def quantize(
   targets: Any,
   block_size: int = 64,
   double_quant: bool = True,
+  torch_order: bool = False,
 ) -> Any:
   """Replaces the targeted frozen kernels by :class:`QuantLeaf` nodes (QLoRA's base).
 
@@ -334,6 +472,10 @@ def quantize(
     targets: as for :func:`lorax_fn.wrap`.
     block_size: elements per block; a positive power of two.
     double_quant: quantise the block scales too (bitsandbytes' ``compress_statistics``).
+    torch_order: quantise each kernel with its last two axes swapped, in the ``(out, in)``
+      order PyTorch stores a linear weight in, so the codes and scales are bitsandbytes' of
+      the PyTorch weight (its blocks straddle rows of ``out``). The leaves are ``transposed``;
+      they keep the kernel's shape and dequantise to it.
 
   Returns:
     A new pytree with :class:`QuantLeaf` nodes at the targets.
@@ -349,6 +491,9 @@ def quantize(
     >>> q = lora_fn.quantize(p, "nf4", targets=("dense",))
     >>> q["dense"]["kernel"].codes.shape, q["dense"]["kernel"].dequantize().shape
     ((1024,), (64, 32))
+    >>> t = lora_fn.quantize(p, "nf4", targets=("dense",), torch_order=True)["dense"]["kernel"]
+    >>> t.shape, t.stored_shape, t.transposed
+    ((64, 32), (32, 64), True)
   """
   from lorax_fn import _paths
   from lorax_fn._leaves import is_lora
@@ -361,6 +506,7 @@ def quantize(
   if block_size & (block_size - 1):
     raise ValueError(f"block_size must be a positive power of two; got: {block_size!r}")
   double_quant = _validate.boolean("double_quant", double_quant)
+  torch_order = _validate.boolean("torch_order", torch_order)
   is_node = lambda x: is_lora(x) or is_quant(x)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
   paths = [_paths.path_str(p) for p, _ in flat]
@@ -381,7 +527,9 @@ def quantize(
         f"the targeted leaf at {path!r} must have at least 2 axes (a kernel); got shape "
         f"{np.shape(base)}"
       )
-    q = quantize_array(base, kind, block_size=block_size, double_quant=double_quant)
+    q = quantize_array(
+      base, kind, block_size=block_size, double_quant=double_quant, torch_order=torch_order
+    )
     out[i] = dataclasses.replace(leaf, w=q) if is_lora(leaf) else q
   return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -46,6 +46,11 @@ class LazyBase:
     self.q, self.views, self.elementwise = q, views, elementwise
     self.aval = jax.eval_shape(self.decode, q)
 
+  @property
+  def row_axis(self) -> int:
+    """The kernel axis :meth:`decode_rows` slices (the stored rows: axis 0 unless transposed)."""
+    return getattr(self.q, "row_axis", 0)
+
   def decode_rows(self, start: Any, rows: int) -> jax.Array:
     w = lax.stop_gradient(self.q.decode_rows(start, rows).astype(self.q.dtype))
     for view in self.views:
@@ -89,8 +94,9 @@ CHUNK_ELEMENTS = 1 << 18
 
 
 def _chunk_rows(q: Any) -> int | None:
-  """Rows per chunk along axis 0: whole blocks, even for 4-bit codes; None if one chunk."""
-  total, row = q.shape[0], math.prod(q.shape[1:])
+  """Stored rows per chunk: whole blocks, even for 4-bit codes; None if one chunk."""
+  total = q.shape[getattr(q, "row_axis", 0)]
+  row = math.prod(q.shape) // max(total, 1)
   fits = [
     r
     for r in range(1, total)
@@ -110,13 +116,14 @@ def chunked_dot(
   Each chunk is decoded inside a checkpointed scan body, so the backward pass decodes it
   again instead of keeping every layer's float copy alive. None when not applicable.
   """
-  rows = _chunk_rows(w.q) if w.elementwise and 0 not in wb else None
+  k = w.row_axis  # the kernel axis chunks run along: its stored rows are contiguous codes
+  rows = _chunk_rows(w.q) if w.elementwise and k not in wb else None
   if rows is None:
     return None
-  chunks = w.q.shape[0] // rows
+  chunks = w.q.shape[k] // rows
   out = eqn.outvars[0].aval
-  if 0 in wc:  # a contracted axis: partial products add up
-    xa = xc[list(wc).index(0)]
+  if k in wc:  # a contracted axis: partial products add up
+    xa = xc[list(wc).index(k)]
 
     def add(acc, c):
       xs = lax.dynamic_slice_in_dim(x, c * rows, rows, axis=xa)
@@ -125,7 +132,7 @@ def chunked_dot(
     y, _ = lax.scan(jax.checkpoint(add), jnp.zeros(out.shape, out.dtype), jnp.arange(chunks))
     return y
   free_w = [i for i in range(w.ndim) if i not in wc and i not in wb]
-  pos = len(wb) + (x.ndim - len(xc) - len(wb)) + free_w.index(0)
+  pos = len(wb) + (x.ndim - len(xc) - len(wb)) + free_w.index(k)
 
   def part(_, c):
     return None, _bind(eqn, x, w.decode_rows(c * rows, rows))

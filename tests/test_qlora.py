@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import all_eqns, assert_trees_close, assert_trees_equal, randomize
+from helpers import all_eqns, assert_trees_close, assert_trees_equal, explicit_delta, randomize
 from sharded_train import Model
 
 import lorax_fn as lora_fn
@@ -140,10 +140,12 @@ def test_quantize_twice_and_non_float_are_errors():
     lora_fn.quantize({"ids": jnp.zeros((4, 4), jnp.int32)}, "int8", targets=("ids",))
 
 
+@pytest.mark.parametrize("torch_order", [False, True])
 @pytest.mark.parametrize("contract_axis", [0, 1])
-def test_chunked_decode_matches_merged(contract_axis):
-  # Axis 0 of the stored kernel contracted (Dense) or free (a (out, in) kernel): both are
-  # decoded chunk by chunk inside a scan (64 rows x 96 / block 32 gives several chunks).
+def test_chunked_decode_matches_merged(contract_axis, torch_order):
+  # Axis 0 of the kernel contracted (Dense) or free (a (out, in) kernel): both are decoded
+  # chunk by chunk inside a scan (64 rows x 96 / block 32 gives several chunks). Codes in
+  # PyTorch order run along the kernel's last axis: chunks of its columns.
   w = jax.random.normal(K(0), (64, 96)) * 0.1
   roles = ("in", "out") if contract_axis == 0 else ("out", "in")
   x = jax.random.normal(K(1), (5, 64 if contract_axis == 0 else 96))
@@ -151,7 +153,8 @@ def test_chunked_decode_matches_merged(contract_axis):
   def fn(p, x):
     return jax.lax.dot_general(x, p["w"], (((1,), (contract_axis,)), ((), ())))
 
-  q = lora_fn.quantize({"w": w}, "nf4", targets=("w",), block_size=32)
+  q = lora_fn.quantize({"w": w}, "nf4", targets=("w",), block_size=32, torch_order=torch_order)
+  assert q["w"].transposed is torch_order
   params = randomize(lora_fn.wrap(q, rank=3, targets=("w",), layouts={"w": roles}, key=K(2)), K(3))
   import lorax_fn._rules as rules
 
@@ -195,9 +198,12 @@ def _float_values_of_shape(jaxpr, shape):
   ]
 
 
-def test_scanned_qlora_decodes_one_layer_at_a_time():
+@pytest.mark.parametrize("torch_order", [False, True])
+def test_scanned_qlora_decodes_one_layer_at_a_time(torch_order):
   model, x = _Scanned(), jax.random.normal(K(1), (5, 32))
-  quant = lora_fn.quantize(model.init(K(0), x), "nf4", targets=("mlp",), block_size=64)
+  quant = lora_fn.quantize(
+    model.init(K(0), x), "nf4", targets=("mlp",), block_size=64, torch_order=torch_order
+  )
   layouts = lora_fn.infer_layouts(model.apply, quant, x)
   params = randomize(lora_fn.wrap(quant, rank=4, targets=("mlp",), layouts=layouts, key=K(2)), K(3))
   train, frozen = lora_fn.split(params)
@@ -208,3 +214,24 @@ def test_scanned_qlora_decodes_one_layer_at_a_time():
   # Neither the forward nor the backward pass forms the float stack of all three layers.
   assert not _float_values_of_shape(jax.make_jaxpr(jax.grad(loss))(train).jaxpr, (3, 32, 48))
   assert _float_values_of_shape(jax.make_jaxpr(jax.grad(merged_loss))(train).jaxpr, (3, 32, 48))
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_lora_over_a_transposed_quantised_kernel_is_the_formula(jit):
+  """QLoRA over PyTorch-order codes: ``x @ (deq(W) + s·A·B)`` with the (in, out) kernel."""
+  w = np.asarray(jax.random.normal(K(0), (7, 11)))  # (in, out)
+  q = lora_fn.quantize({"w": w}, "nf4", targets=("w",), block_size=16, torch_order=True)
+  assert q["w"].transposed and q["w"].shape == (7, 11) and q["w"].stored_shape == (11, 7)
+  params = randomize(lora_fn.wrap(q, rank=3, targets=("w",), key=K(1)), K(2))
+  x = jax.random.normal(K(3), (5, 7))
+  fn = lora_fn.lora(lambda p, x: x @ p["w"])
+  got = (jax.jit(fn) if jit else fn)(params, x)
+  leaf = params["w"]
+  kernel = np.asarray(leaf.w.dequantize(), np.float64) + explicit_delta(leaf)
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(x, np.float64) @ kernel, rtol=1e-5, atol=1e-6
+  )
+  # The codes are those of the PyTorch weight (out, in) = w.T: exactly what quantising it gives.
+  direct = lora_fn.quantize({"w": w.T}, "nf4", targets=("w",), block_size=16)["w"]
+  np.testing.assert_array_equal(np.asarray(q["w"].codes), np.asarray(direct.codes))
+  np.testing.assert_array_equal(np.asarray(leaf.w.dequantize()), np.asarray(direct.dequantize()).T)

@@ -111,3 +111,80 @@ def test_memory_nf4_with_double_quant():
   stored = sum(np.asarray(a).nbytes for a in (q.codes, q.absmax_codes, q.absmax_scale, q.offset))
   assert stored * 8 / x.size <= 4.13  # bits per parameter
   assert stored <= 0.26 * x.size * 2  # vs the same weights in bf16
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "dq"])
+def test_transposed_leaf_decodes_bitsandbytes_torch_weight_bit_for_bit(double_quant, jit):
+  """A PyTorch (out, in) weight quantised by bitsandbytes is our (in, out) kernel, transposed."""
+  w = _input(torch.float32, 64, shape=(13, 40))  # (out, in): blocks of 64 straddle rows of 40
+  packed, state = F.quantize_4bit(
+    w, blocksize=64, quant_type="nf4", compress_statistics=double_quant
+  )
+  ours = _quant.quantize_array(w.numpy().T, "nf4", double_quant=double_quant, torch_order=True)
+  assert (ours.shape, ours.stored_shape, ours.transposed) == ((40, 13), (13, 40), True)
+  np.testing.assert_array_equal(np.asarray(ours.codes), packed.numpy().reshape(-1))
+  if double_quant:  # bitsandbytes' own statistics (its CPU rounding of the scales differs)
+    ours = dataclasses.replace(
+      ours,
+      absmax_codes=jnp.asarray(state.absmax.numpy()),
+      absmax_scale=jnp.asarray(state.state2.absmax.numpy()),
+      offset=jnp.asarray(state.offset.numpy()),
+    )
+  else:
+    np.testing.assert_array_equal(np.asarray(ours.absmax), state.absmax.numpy())
+  decode = jax.jit(lambda q: q.dequantize()) if jit else (lambda q: q.dequantize())
+  want = F.dequantize_4bit(packed, state).numpy()
+  np.testing.assert_array_equal(np.asarray(decode(ours)), want.T)
+
+
+@pytest.mark.parametrize("torch_order", [False, True])
+def test_decode_rows_slices_the_stored_rows(torch_order):
+  x = np.random.default_rng(0).standard_normal((3, 16, 8)).astype(np.float32)
+  stack = _quant.quantize_array(x, "nf4", block_size=32, torch_order=torch_order)
+  full = np.asarray(stack.dequantize())
+  assert stack.row_axis == 0 and stack.sliceable()
+  np.testing.assert_array_equal(np.asarray(stack.decode_rows(1, 2)), full[1:3])
+  layer = _quant.QuantSlice(stack, jnp.asarray(2))
+  np.testing.assert_array_equal(np.asarray(layer.dequantize()), full[2])
+  axis = 1 if torch_order else 0  # a transposed kernel's stored rows are its columns
+  assert layer.row_axis == axis
+  want = full[2][:, 4:8] if torch_order else full[2][4:8]
+  np.testing.assert_array_equal(np.asarray(layer.decode_rows(4, 4)), want)
+  matrix = _quant.quantize_array(x[0], "nf4", block_size=8, torch_order=torch_order)
+  assert matrix.row_axis == axis and matrix.sliceable() is not torch_order
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int4", "int8"])
+@pytest.mark.parametrize("sizes", [(1000,), (7, 300, 1, 692), (64, 64, 872)])
+def test_quantize_pieces_equals_quantize_array(kind, sizes):
+  """Pieces of any sizes (not whole blocks) give the codes of the whole array."""
+  x = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
+  want = _quant.quantize_array(x.reshape(10, 100), kind, block_size=64)
+  pieces = np.split(x, np.cumsum(sizes)[:-1])
+  got = _quant.quantize_pieces(pieces, kind, shape=(10, 100), dtype=np.float32, block_size=64)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match=r"the pieces hold 999 elements; shape \(10, 100\) has 1000"):
+    _quant.quantize_pieces([x[:999]], kind, shape=(10, 100), dtype=np.float32)
+
+
+def test_per_layer_offsets_decode_each_layer_as_its_own_leaf():
+  """A stack of separately double-quantised layers keeps one offset per layer."""
+  rng = np.random.default_rng(2)
+  layers = [rng.standard_normal((128, 128)).astype(np.float32) * (i + 1) for i in range(3)]
+  alone = [_quant.quantize_array(w, "nf4", torch_order=True) for w in layers]
+  assert alone[0].absmax_codes.size % 256 == 0  # whole blocks of 256 scales per layer
+  cat = lambda f: jnp.concatenate([getattr(q, f).reshape(-1) for q in alone])
+  stack = dataclasses.replace(
+    alone[0],
+    codes=cat("codes"),
+    absmax_codes=cat("absmax_codes"),
+    absmax_scale=cat("absmax_scale"),
+    offset=cat("offset"),
+    shape=(3, 128, 128),
+  )
+  for i, q in enumerate(alone):
+    np.testing.assert_array_equal(
+      np.asarray(jax.jit(lambda s: s.dequantize())(stack))[i], np.asarray(q.dequantize())
+    )
