@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from lorax_fn import _jaxpr, _paths
-from lorax_fn._leaves import Layout, is_lora
+from lorax_fn._leaves import Layout, is_adapter
 from lorax_fn._quant import is_quant
 from lorax_fn._rules import _reshape_groups
 
@@ -176,10 +176,11 @@ def infer_layouts(
   if not callable(fn):
     raise TypeError(f"fn must be callable, e.g. model.apply; got: {fn!r}")
   flat, treedef = jax.tree_util.tree_flatten_with_path(
-    params, is_leaf=lambda x: is_lora(x) or is_quant(x)
+    params, is_leaf=lambda x: is_adapter(x) or is_quant(x)
   )
   paths = [_paths.path_str(p) for p, _ in flat]
-  leaves = [x.w if is_lora(x) else x for _, x in flat]
+  # A LoRA leaf or a stack of adapters is laid out as its base.
+  leaves = [x.w if is_adapter(x) else x for _, x in flat]
   # Arrays (and their abstract stand-ins) are traced; other leaves (a step count, a name)
   # are passed through as they are.
   dyn = [i for i, x in enumerate(leaves) if hasattr(x, "shape") and hasattr(x, "dtype")]

@@ -361,7 +361,12 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
   axis first. Row ``i`` of the output is what example ``i`` alone gives with its adapter:
   each example runs as a batch of one with its slot's factors gathered, all in one vmapped
   program (no ``W + s·BA`` per adapter). Gradients reach only the slots used, so several
-  adapters train at once on one mixed batch.
+  adapters train at once on one mixed batch. Where that rule guesses wrong (a Flax
+  ``"cache"`` collection passed beside the params, a lookup table every example shares), say
+  which arguments are per example with ``per_example=``: positional indices and keyword
+  names; every other argument is then shared. Each example gathers its slot's factors (a
+  copy of A and B per example, not a per-site grouped kernel), so memory grows with the
+  batch times the adapter size; the base weights are never copied.
 
   ``fn`` is traced once per signature: the tree structure of the arguments, the shapes and
   dtypes of their arrays, and the values of their other leaves (Python scalars, strings:
@@ -376,8 +381,8 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
       ``dropout_key=`` to the transformed function instead.
 
   Returns:
-    The transformed function, called as ``fn`` is, plus the optional ``dropout_key`` and
-    ``adapter_ids``.
+    The transformed function, called as ``fn`` is, plus the optional ``dropout_key``,
+    ``adapter_ids`` and ``per_example``.
 
   Raises:
     ValueError: stacked adapters without ``adapter_ids`` (or the reverse), ids out of
@@ -397,10 +402,11 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
   """
   if not callable(fn):
     raise TypeError(f"fn must be callable, e.g. model.apply; got: {fn!r}")
-  if "dropout_key" in _parameters(fn):
+  taken = sorted({"dropout_key", "adapter_ids", "per_example"} & _parameters(fn))
+  if taken:
     raise TypeError(
-      "fn has a parameter named dropout_key, which the transformed function takes for LoRA "
-      "dropout and would never pass on; rename fn's parameter"
+      f"fn has a parameter named {taken[0]}, which the transformed function takes for itself "
+      "(LoRA dropout, per-example adapters) and would never pass on; rename fn's parameter"
     )
   if key is not None:
     _validate.prng_key("key", key)
@@ -424,7 +430,11 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
 
   @functools.wraps(fn)
   def wrapped(
-    *args: Any, dropout_key: jax.Array | None = None, adapter_ids: Any = None, **kwargs: Any
+    *args: Any,
+    dropout_key: jax.Array | None = None,
+    adapter_ids: Any = None,
+    per_example: Any = None,
+    **kwargs: Any,
   ) -> Any:
     leaves = jax.tree.leaves((args, kwargs), is_leaf=_is_node)
     if not any(_is_node(x) for x in leaves):
@@ -436,7 +446,9 @@ def lora(fn: Callable[..., Any], *, key: jax.Array | None = None) -> Callable[..
       _validate.prng_key("dropout_key", dropout_key)
     key = built_key if dropout_key is None else dropout_key
     if adapter_ids is not None:
-      return run_per_example(single, args, kwargs, adapter_ids, key)
+      return run_per_example(single, args, kwargs, adapter_ids, key, per_example)
+    if per_example is not None:
+      raise ValueError("per_example is for adapter_ids: give both, or neither")
     if any(is_stack(x) for x in leaves):
       raise ValueError(
         "params hold stacked adapters (lorax_fn.stack_adapters): pass adapter_ids=, one slot "

@@ -185,15 +185,17 @@ def is_lora(x: object) -> bool:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraStack:
-  """The factors of ``N`` adapters of one kernel: ``W + scales[k] * B[k]·A[k]`` for slot ``k``.
+  """The factors of ``N`` adapters of one kernel: ``W + scales[k]·strengths[k]·B[k]·A[k]``.
 
   Attributes:
     w: the frozen base weight (any float dtype, or a quantised leaf).
     a: ``(N,) + stack + (rank,) + in``: each slot's A, rows past its own rank zero.
     b: ``(N,) + stack + (rank,) + out``: each slot's B, likewise.
-    scales: ``(N,)`` float32: each slot's ``alpha / r`` (``/ sqrt(r)`` with rsLoRA) times its
-      strength; 0 for an empty slot.
-    ranks: ``(N,)`` int32: each slot's own rank (0: empty).
+    scales: ``(N,)`` float32: each slot's ``alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+    ranks: ``(N,)`` float32: each slot's own rank, a whole number (0: empty). Float, so that
+      ``jax.grad`` over a whole stacked tree works; it is never trained.
+    strengths: ``(N,)`` float32: each slot's strength (:func:`lorax_fn.set_strength`), 1 when
+      an adapter is loaded, 0 for an empty or evicted slot.
     roles: the kernel's axis roles.
     rank: the stack's rank (the largest a slot can hold).
     dropout: dropout on the input of the low-rank path, for every slot.
@@ -204,6 +206,7 @@ class LoraStack:
   b: jax.Array
   scales: jax.Array
   ranks: jax.Array
+  strengths: jax.Array
   roles: Layout = dataclasses.field(metadata=dict(static=True))
   rank: int = dataclasses.field(metadata=dict(static=True))
   dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
@@ -218,6 +221,14 @@ class LoraStack:
 
   def check(self, path: str) -> None:
     """Raises ``ValueError`` naming ``path`` if the stacked factors do not fit ``w``."""
+    missing = [
+      f for f in ("w", "a", "b", "scales", "ranks", "strengths") if getattr(self, f) is None
+    ]
+    if missing:
+      raise ValueError(
+        f"stacked LoRA leaf at {path!r} has no {', '.join(missing)}: it is one half of "
+        "lorax_fn.split; combine the halves first (lorax_fn.combine)"
+      )
     n = self.slots
     a_shape, b_shape = factor_shapes(self.w.shape, self.roles, self.rank)
     if tuple(self.a.shape) != (n, *a_shape) or tuple(self.b.shape) != (n, *b_shape):
@@ -226,8 +237,12 @@ class LoraStack:
         f"{self.shape} expect a {(n, *a_shape)} and b {(n, *b_shape)}; got a "
         f"{tuple(self.a.shape)} and b {tuple(self.b.shape)}"
       )
-    if tuple(np.shape(self.scales)) != (n,) or tuple(np.shape(self.ranks)) != (n,):
-      raise ValueError(f"stacked LoRA leaf at {path!r}: scales and ranks need shape ({n},)")
+    for field in ("scales", "ranks", "strengths"):
+      if tuple(np.shape(getattr(self, field))) != (n,):
+        raise ValueError(
+          f"stacked LoRA leaf at {path!r}: {field} needs shape ({n},), one per slot; got "
+          f"{tuple(np.shape(getattr(self, field)))}"
+        )
 
   def select(self, slot: Any) -> LoraLeaf:
     """Slot ``slot``'s adapter as a :class:`LoraLeaf` whose scale is folded into ``b``.
@@ -237,7 +252,7 @@ class LoraStack:
     n = self.slots
     valid = (slot >= 0) & (slot < n)
     k = jnp.clip(slot, 0, n - 1)
-    scale = jnp.where(valid, self.scales[k], 0.0)
+    scale = jnp.where(valid, self.scales[k] * self.strengths[k], 0.0)
     b = self.b[k] * scale.astype(self.b.dtype)
     return LoraLeaf(
       self.w, self.a[k], b, self.roles, self.rank, float(self.rank), False, self.dropout
@@ -255,7 +270,7 @@ def is_adapter(x: object) -> bool:
 
 
 def data_fields(x: object) -> tuple[str, ...]:
-  """The array fields of a LoRA node (``w``, ``a``, ``b``, and a stack's ``scales``, ``ranks``)."""
+  """The array fields of a LoRA node (``w``, ``a``, ``b``; a stack's ``scales``, ``ranks``, ...)."""
   return tuple(f.name for f in dataclasses.fields(x) if not f.metadata.get("static"))
 
 

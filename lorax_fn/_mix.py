@@ -214,7 +214,7 @@ def weighted_adapter(
   out = []
   for i, (path, leaf) in enumerate(flat):
     column = [f[i][1] for f, _ in flats]
-    _check_column(path, column)
+    _check_column(path, column, what="weighted_adapter mixes")
     if not is_lora(leaf):
       out.append(leaf)
       continue

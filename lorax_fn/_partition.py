@@ -56,7 +56,7 @@ def trainable_mask(
   match = _extra_matcher(trainable)
   marks, hit_paths = [], []
   for path, (_, x) in zip(paths, flat, strict=True):
-    if is_adapter(x):  # A and B train; the base (and a stack's scales and ranks) never
+    if is_adapter(x):  # A and B train; the base (and a stack's scales, ranks...) never
       marks.append(dataclasses.replace(x, **{f: f in ("a", "b") for f in data_fields(x)}))
       continue
     name, module = path.rsplit("/", 1)[-1], path.rsplit("/", 1)[0] if "/" in path else ""

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_fn import _validate
-from lorax_fn._leaves import LoraStack, is_lora
+from lorax_fn._leaves import LoraStack, factor_shapes, is_lora
 from lorax_fn._stack import _flat, set_adapter, stack_adapters
 
 
@@ -32,8 +32,43 @@ def _empty(leaf: Any, slots: int, rank: int) -> Any:
     a=jnp.zeros((slots, *stacked.a.shape[1:]), stacked.a.dtype),
     b=jnp.zeros((slots, *stacked.b.shape[1:]), stacked.b.dtype),
     scales=jnp.zeros((slots,), jnp.float32),
-    ranks=jnp.zeros((slots,), jnp.int32),
+    ranks=jnp.zeros((slots,), jnp.float32),
+    strengths=jnp.zeros((slots,), jnp.float32),
   )
+
+
+def _restore(source: str | os.PathLike, template: Any) -> Any:
+  """A :func:`save_adapter` checkpoint with its own ranks and alphas, over ``template``'s base."""
+  from lorax_fn._checkpoint import read_adapter_config, restore_adapter
+
+  record = read_adapter_config(source)
+  saved = record.get("lora", {})
+  flat, treedef = _flat(template)
+  out = []
+  for path, leaf in flat:
+    spec = saved.get(path)
+    if is_lora(leaf) and isinstance(spec, dict) and isinstance(spec.get("rank"), int):
+      rank = spec["rank"]
+      a_shape, b_shape = factor_shapes(leaf.w.shape, leaf.roles, rank)
+      leaf = dataclasses.replace(
+        leaf,
+        a=jax.ShapeDtypeStruct(a_shape, _dtype(record, f"{path}/a", leaf.a.dtype)),
+        b=jax.ShapeDtypeStruct(b_shape, _dtype(record, f"{path}/b", leaf.b.dtype)),
+        rank=rank,
+        alpha=spec.get("alpha", leaf.alpha),
+        rslora=spec.get("rslora", leaf.rslora),
+      )
+    out.append(leaf)
+  # Anything else that differs (targets, layouts, shapes) is restore_adapter's error.
+  return restore_adapter(source, jax.tree_util.tree_unflatten(treedef, out))
+
+
+def _dtype(record: dict, key: str, default: Any) -> Any:
+  spec = record.get("arrays", {}).get(key)
+  try:
+    return np.dtype(spec[1])
+  except (TypeError, IndexError, KeyError, ValueError):
+    return default
 
 
 class AdapterPool:
@@ -45,8 +80,9 @@ class AdapterPool:
     slots: how many adapters are resident at once.
     rank: the largest rank a slot holds (default: the template's largest).
     sources: ``{name: source}`` for :meth:`load` by name alone.
-    loader: ``source -> wrapped tree``; default :func:`restore_adapter` onto the template
-      (a source is then a checkpoint directory).
+    loader: ``source -> wrapped tree``; by default a source that is a path is a
+      :func:`save_adapter` checkpoint, restored with the ranks and alphas it was saved with
+      (any rank up to the pool's) onto the template's base.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -94,13 +130,11 @@ class AdapterPool:
       if name not in self._sources:
         raise KeyError(f"no source for adapter {name!r}; give one, or sources={{{name!r}: ...}}")
       source = self._sources[name]
+    if self._loader is not None:
+      return self._loader(source)
     if isinstance(source, (str, os.PathLike)):
-      if self._loader is not None:
-        return self._loader(source)
-      from lorax_fn._checkpoint import restore_adapter
-
-      return restore_adapter(source, self._template)
-    return self._loader(source) if self._loader is not None else source
+      return _restore(source, self._template)
+    return source
 
   def load(self, name: str, source: Any = None) -> int:
     """Makes ``name`` resident and returns its slot (evicting the least recently used).
@@ -117,30 +151,36 @@ class AdapterPool:
       self._slot_of.move_to_end(name)
       return self._slot_of[name]
     tree = self._load_tree(name, source)
+    victim = None
     if name in self._slot_of:
       slot = self._slot_of[name]
     elif len(self._slot_of) < self.slots:
       used = set(self._slot_of.values())
       slot = next(k for k in range(self.slots) if k not in used)
     else:
-      _, slot = self._slot_of.popitem(last=False)
+      victim = next(iter(self._slot_of))
+      slot = self._slot_of[victim]
+    # set_adapter checks the tree first: a bad adapter leaves the pool as it was.
     self.params = set_adapter(self.params, slot, tree)
+    if victim is not None:
+      del self._slot_of[victim]
     self._slot_of[name] = slot
     self._slot_of.move_to_end(name)
     return slot
 
   def evict(self, name: str) -> None:
-    """Frees ``name``'s slot (its factors stay until overwritten; its scale becomes 0)."""
+    """Frees ``name``'s slot: it becomes empty (rank and strength 0) until the next load."""
     if name not in self._slot_of:
       raise KeyError(f"adapter {name!r} is not resident; resident: {self.names}")
     slot = self._slot_of.pop(name)
-    self.params = jax.tree.map(
-      lambda x: (
-        dataclasses.replace(x, scales=x.scales.at[slot].set(0.0)) if isinstance(x, LoraStack) else x
-      ),
-      self.params,
-      is_leaf=lambda x: isinstance(x, LoraStack),
-    )
+
+    def empty(x: Any) -> Any:
+      if not isinstance(x, LoraStack):
+        return x
+      zero = lambda v: v.at[slot].set(0.0)
+      return dataclasses.replace(x, ranks=zero(x.ranks), strengths=zero(x.strengths))
+
+    self.params = jax.tree.map(empty, self.params, is_leaf=lambda x: isinstance(x, LoraStack))
 
   def ids(self, names: Iterable[str | None]) -> np.ndarray:
     """The slot of each request's adapter (``None``: the base, ``-1``), loading as needed.

@@ -229,14 +229,14 @@ def _shape(x: Any) -> tuple[int, ...]:
 def _lora_specs(leaf: Any, spec: PartitionSpec) -> Any:
   """Specs for ``w``, ``a`` and ``b`` (``None`` where ``split`` left the field empty).
 
-  A stack's factors have a leading adapter axis (replicated), its scales and ranks too.
+  A stack's factors have a leading adapter axis (replicated), its scales, ranks and strengths too.
   """
   entries = tuple(spec) + (None,) * (len(leaf.roles) - len(spec))
   a_axes, b_axes = factor_axes(leaf.roles)
   lead = (None,) if is_stack(leaf) else ()
   a = P(*lead, *(None if i is None else entries[i] for i in a_axes))
   b = P(*lead, *(None if i is None else entries[i] for i in b_axes))
-  fields = {"w": spec, "a": a, "b": b, "scales": P(), "ranks": P()}
+  fields = {"w": spec, "a": a, "b": b, "scales": P(), "ranks": P(), "strengths": P()}
   return dataclasses.replace(
     leaf, **{f: None if getattr(leaf, f) is None else fields[f] for f in data_fields(leaf)}
   )

@@ -45,7 +45,10 @@ def _same_array(x: Any, y: Any) -> bool:
     )
   if np.shape(x) != np.shape(y) or getattr(x, "dtype", None) != getattr(y, "dtype", None):
     return False
-  return bool(np.array_equal(np.asarray(x), np.asarray(y)))
+  if not hasattr(x, "dtype") or not hasattr(y, "dtype"):
+    return bool(np.array_equal(np.asarray(x), np.asarray(y)))
+  # On the device: a base of billions of parameters is never copied to the host to compare.
+  return bool(jnp.array_equal(x, y))
 
 
 def _scale(leaf: LoraLeaf) -> float:
@@ -121,7 +124,8 @@ def stack_adapters(adapters: Sequence[Any], *, rank: int | None = None) -> Any:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _check_column(path: str, column: list[Any]) -> None:
+def _check_column(path: str, column: list[Any], what: str = "stack_adapters stacks") -> None:
+  """All of ``column`` (one path of each adapter) must share base, layout, dropout, extras."""
   leaf = column[0]
   for k, other in enumerate(column[1:], 1):
     if is_lora(leaf) != is_lora(other):
@@ -144,8 +148,7 @@ def _check_column(path: str, column: list[Any]) -> None:
     elif not _same_array(leaf, other):
       raise ValueError(
         f"adapters[{k}] differs from adapters[0] at {path!r}, which is not a LoRA leaf; "
-        "stack_adapters stacks LoRA factors over one shared base (a trained head cannot be "
-        "stacked)"
+        f"{what} LoRA factors over one shared base (a trained head is not a LoRA factor)"
       )
 
 
@@ -156,8 +159,9 @@ def _stack(column: list[LoraLeaf], rank: int) -> LoraStack:
   a = jnp.stack([_padded(x.a.astype(dtype), ra, rank) for x in column])
   b = jnp.stack([_padded(x.b.astype(dtype), rb, rank) for x in column])
   scales = jnp.asarray([_scale(x) for x in column], jnp.float32)
-  ranks = jnp.asarray([x.rank for x in column], jnp.int32)
-  return LoraStack(leaf.w, a, b, scales, ranks, leaf.roles, rank, leaf.dropout)
+  ranks = jnp.asarray([x.rank for x in column], jnp.float32)
+  strengths = jnp.ones((len(column),), jnp.float32)
+  return LoraStack(leaf.w, a, b, scales, ranks, strengths, leaf.roles, rank, leaf.dropout)
 
 
 def _slot_index(stack: LoraStack, slot: int, path: str) -> int:
@@ -172,7 +176,7 @@ def set_adapter(stacked: Any, slot: int, adapter: Any) -> Any:
   """Loads one wrapped tree's factors into slot ``slot`` of a stacked tree (a hot-swap).
 
   Only arrays change (their shapes stay), so a function compiled for ``stacked`` runs the new
-  adapter without recompiling.
+  adapter without recompiling. The slot's strength is reset to 1.
 
   Args:
     stacked: a tree from :func:`stack_adapters`.
@@ -184,8 +188,9 @@ def set_adapter(stacked: Any, slot: int, adapter: Any) -> Any:
     The stacked tree with the slot replaced.
 
   Raises:
-    ValueError: an adapter of other targets or layouts, a rank above the stack's, or a slot
-      out of range.
+    ValueError: an adapter of other targets or layouts, another base weight, a non-LoRA leaf
+      that differs from the stack's (a trained head cannot go into a slot), a rank above the
+      stack's, or a slot out of range (each names the path).
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -205,12 +210,20 @@ def set_adapter(stacked: Any, slot: int, adapter: Any) -> Any:
     if not is_stack(s):
       if is_lora(leaf):
         raise ValueError(f"adapter has a LoRA leaf at {path!r}, where the stack has none")
+      if not _same_array(s, leaf):
+        raise ValueError(
+          f"adapter differs from the stack at {path!r}, which is not a LoRA leaf: a slot holds "
+          "LoRA factors only, over the stack's shared leaves (a trained head cannot be loaded "
+          "into a slot; serve it with its own base, or train it as an adapter)"
+        )
       out.append(s)
       continue
     if not is_lora(leaf):
       raise ValueError(f"adapter has no LoRA leaf at {path!r}, where the stack has one")
     if leaf.roles != s.roles:
       raise ValueError(f"adapter has layout {leaf.roles} at {path!r}; the stack has {s.roles}")
+    if not _same_array(leaf.w, s.w):
+      raise ValueError(f"adapter has another base weight at {path!r} than the stack")
     if leaf.rank > s.rank:
       raise ValueError(
         f"adapter has rank {leaf.rank} at {path!r}; the stack's slots hold rank {s.rank} at most"
@@ -224,6 +237,7 @@ def set_adapter(stacked: Any, slot: int, adapter: Any) -> Any:
         b=s.b.at[k].set(_padded(leaf.b.astype(s.b.dtype), rb, s.rank)),
         scales=s.scales.at[k].set(leaf.scale),
         ranks=s.ranks.at[k].set(leaf.rank),
+        strengths=s.strengths.at[k].set(1.0),
       )
     )
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -231,6 +245,12 @@ def set_adapter(stacked: Any, slot: int, adapter: Any) -> Any:
 
 def unstack_adapter(stacked: Any, slot: int) -> Any:
   """Slot ``slot`` of a stacked tree as a plain wrapped tree (its own rank; alpha = scale·r).
+
+  The slot's strength (:func:`set_strength`) is a serving setting, not part of the adapter: it
+  is not folded in. Use :func:`scale_adapter` on the result for that.
+
+  Raises:
+    ValueError: if the slot is out of range or empty.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -246,7 +266,7 @@ def unstack_adapter(stacked: Any, slot: int) -> Any:
     if not is_stack(s):
       return s
     k = _slot_index(s, slot, path)
-    r = int(s.ranks[k])
+    r = round(float(s.ranks[k]))
     if r == 0:
       raise ValueError(f"slot {k} of the stack at {path!r} is empty")
     ra, rb = _rank_axes(s.roles)
@@ -259,19 +279,34 @@ def unstack_adapter(stacked: Any, slot: int) -> Any:
 
 
 def set_strength(stacked: Any, strengths: Any) -> Any:
-  """Multiplies each slot's scale by its strength: ``strengths`` has one entry per slot.
+  """Sets each slot's strength: slot ``k`` runs as ``W + strengths[k]·s_k·B_k·A_k``.
 
-  The scales are data, so this recompiles nothing. A strength of 0 turns a slot off.
+  Strengths are data, so this recompiles nothing. They replace the previous ones (they do not
+  multiply them); a strength of 0 turns a slot off, 1 is the adapter as trained.
+
+  Args:
+    stacked: a tree from :func:`stack_adapters` (or an :class:`AdapterPool`'s ``params``).
+    strengths: one finite number per slot.
+
+  Returns:
+    The stacked tree with the new strengths.
+
+  Raises:
+    ValueError: if ``strengths`` does not hold one finite number per slot, gives an empty
+      slot a non-zero strength, or ``stacked`` holds no stack.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
     >>> base = {"fc": {"kernel": jnp.ones((5, 7))}}
     >>> p = [lora_fn.wrap(base, rank=2, targets=("fc",), key=jax.random.key(i)) for i in (0, 1)]
     >>> s = lora_fn.set_strength(lora_fn.stack_adapters(p), [0.5, 2.0])
-    >>> s["fc"]["kernel"].scales.tolist()
-    [0.5, 2.0]
+    >>> s["fc"]["kernel"].strengths.tolist(), s["fc"]["kernel"].scales.tolist()
+    ([0.5, 2.0], [1.0, 1.0])
   """
-  strengths = np.asarray(strengths, np.float32)
+  try:
+    strengths = np.asarray(strengths, np.float32)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"strengths must be numbers, one per slot; got: {strengths!r}") from e
 
   def one(path: str, s: Any) -> Any:
     if not is_stack(s):
@@ -281,9 +316,18 @@ def set_strength(stacked: Any, strengths: Any) -> Any:
         f"strengths must hold {s.slots} finite numbers, one per slot (the stack at {path!r}); "
         f"got: {strengths.tolist()}"
       )
-    return dataclasses.replace(s, scales=s.scales * jnp.asarray(strengths))
+    if not _jaxpr.is_tracer(s.ranks):
+      empty = [k for k in range(s.slots) if float(s.ranks[k]) == 0 and strengths[k] != 0]
+      if empty:
+        raise ValueError(
+          f"slots {empty} of the stack at {path!r} are empty; load an adapter into a slot "
+          "(set_adapter, AdapterPool.load) before giving it a strength"
+        )
+    return dataclasses.replace(s, strengths=jnp.asarray(strengths))
 
   flat, treedef = _flat(stacked)
+  if not any(is_stack(x) for _, x in flat):
+    raise ValueError("set_strength: stacked holds no stack; build one with stack_adapters")
   return jax.tree_util.tree_unflatten(treedef, [one(p, x) for p, x in flat])
 
 
@@ -308,6 +352,11 @@ def scale_adapter(params: Any, strength: float) -> Any:
       return dataclasses.replace(x, b=x.b * jnp.asarray(strength, x.b.dtype))
     return x
 
+  if any(is_stack(x) for _, x in _flat(params)[0]):
+    raise ValueError(
+      "scale_adapter: params hold stacked adapters; set a slot's strength with "
+      "lorax_fn.set_strength(stacked, strengths)"
+    )
   if not any(is_lora(x) for x in jax.tree.leaves(params, is_leaf=is_lora)):
     raise ValueError("scale_adapter: params hold no LoRA leaf")
   return jax.tree.map(one, params, is_leaf=is_lora)
@@ -325,7 +374,7 @@ def _has_node(tree: Any) -> bool:
 def check_ids(ids: Any, slots: int) -> Any:
   """``adapter_ids`` as an int array of shape ``(n,)``; concrete ids must be in ``[-1, slots)``."""
   if not hasattr(ids, "shape"):
-    ids = np.asarray(ids)
+    ids = jnp.asarray(ids)  # a list may hold tracers
   if ids.ndim != 1 or ids.shape[0] == 0 or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(
       f"adapter_ids must be a non-empty 1-D integer array, one slot per example; got shape "
@@ -342,11 +391,41 @@ def check_ids(ids: Any, slots: int) -> Any:
   return ids
 
 
-def run_per_example(single: Any, args: tuple, kwargs: dict, ids: Any, key: Any) -> Any:
+def _shared_parts(args: tuple, kwargs: dict, per_example: Any) -> list[bool]:
+  """Which arguments (positional, then keyword) are shared by every example."""
+  parts = [*args, *kwargs.values()]
+  if per_example is None:  # the default rule: the parameters are shared, the rest is not
+    return [_has_node(p) for p in parts]
+  names = (per_example,) if isinstance(per_example, (int, str)) else per_example
+  try:
+    names = tuple(names)
+  except TypeError:
+    names = (per_example,)
+  index = {i: i for i in range(len(args))} | {k: len(args) + j for j, k in enumerate(kwargs)}
+  for n in names:
+    if isinstance(n, bool) or n not in index:
+      raise ValueError(
+        f"per_example must name arguments of this call: positional indices in "
+        f"[0, {len(args)}) or keywords {sorted(kwargs)}; got: {n!r}"
+      )
+    if _has_node(parts[index[n]]):
+      raise ValueError(
+        f"per_example names argument {n!r}, which holds the parameters (LoRA, stacked or "
+        "quantised leaves); they are shared by every example"
+      )
+  chosen = {index[n] for n in names}
+  return [i not in chosen for i in range(len(parts))]
+
+
+def run_per_example(
+  single: Any, args: tuple, kwargs: dict, ids: Any, key: Any, per_example: Any = None
+) -> Any:
   """``single`` run once per example with that example's adapter, as one vmapped program.
 
-  The arguments holding LoRA, quantised or stacked leaves (the parameters) are shared; every
-  other array argument is per example along its axis 0, which must have ``len(ids)`` entries.
+  By default the arguments holding LoRA, quantised or stacked leaves (the parameters) are
+  shared and every other array argument is per example along its axis 0, which must have
+  ``len(ids)`` entries; ``per_example`` (positional indices and keyword names) overrides that:
+  exactly those arguments are per example, all others shared (e.g. a Flax cache or a table).
   Example ``i`` runs as a batch of one with its slot's factors gathered (BGMV: no
   ``W + s·BA`` per adapter), so row ``i`` is what running it alone gives.
   """
@@ -362,7 +441,7 @@ def run_per_example(single: Any, args: tuple, kwargs: dict, ids: Any, key: Any) 
   ids = check_ids(ids, slots.pop())
   n = ids.shape[0]
   parts = [*args, *kwargs.values()]
-  shared = [_has_node(p) for p in parts]
+  shared = _shared_parts(args, kwargs, per_example)
   leaves, treedef = jax.tree_util.tree_flatten(parts, is_leaf=_is_node)
   owner = [i for i, p in enumerate(parts) for _ in jax.tree.leaves(p, is_leaf=_is_node)]
   per = [

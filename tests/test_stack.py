@@ -347,12 +347,77 @@ def _stack_errors():
       ValueError,
       r"'fc/kernel' holds a stack of 2 adapters; save them one by one",
     ),
+    (
+      "swap_other_base",
+      lambda: lora_fn.set_adapter(stacked, 0, other_base),
+      ValueError,
+      r"adapter has another base weight at 'fc/kernel' than the stack",
+    ),
+    (
+      "swap_trained_head",
+      lambda: lora_fn.set_adapter(
+        lora_fn.stack_adapters([lora_fn.wrap(two, rank=2, targets=("fc",), key=K(0))]),
+        0,
+        lora_fn.wrap(
+          {**two, "g": {"kernel": jnp.zeros((7, 3))}}, rank=2, targets=("fc",), key=K(1)
+        ),
+      ),
+      ValueError,
+      r"adapter differs from the stack at 'g/kernel', which is not a LoRA leaf: a slot holds",
+    ),
+    (
+      "strength_of_an_empty_slot",
+      lambda: lora_fn.set_strength(lora_fn.AdapterPool(a1, slots=2).params, [1.0, 0.0]),
+      ValueError,
+      r"slots \[0\] of the stack at 'fc/kernel' are empty; load an adapter into a slot",
+    ),
+    (
+      "scale_a_stack",
+      lambda: lora_fn.scale_adapter(stacked, 0.5),
+      ValueError,
+      r"params hold stacked adapters; set a slot's strength with lorax_fn.set_strength",
+    ),
+    (
+      "check_a_split_half",
+      lambda: lora_fn.split(stacked)[0]["fc"]["kernel"].check("fc/kernel"),
+      ValueError,
+      r"stacked LoRA leaf at 'fc/kernel' has no w, scales, ranks, strengths: it is one half",
+    ),
+    (
+      "per_example_unknown",
+      lambda: apply(stacked, x, adapter_ids=IDS.clip(-1, 1), per_example=(3,)),
+      ValueError,
+      r"per_example must name arguments of this call: positional indices in \[0, 2\)",
+    ),
+    (
+      "per_example_params",
+      lambda: apply(stacked, x, adapter_ids=IDS.clip(-1, 1), per_example=(0, 1)),
+      ValueError,
+      r"per_example names argument 0, which holds the parameters",
+    ),
+    (
+      "per_example_without_ids",
+      lambda: apply(a1, x, per_example=(1,)),
+      ValueError,
+      r"per_example is for adapter_ids: give both, or neither",
+    ),
+    (
+      "fn_takes_adapter_ids",
+      lambda: lora_fn.lora(lambda p, x, adapter_ids=None: x),
+      TypeError,
+      r"fn has a parameter named adapter_ids, which the transformed function takes",
+    ),
   ]
 
 
-@pytest.mark.parametrize("case", range(17))
+STACK_ERRORS = 26
+
+
+@pytest.mark.parametrize("case", range(STACK_ERRORS))
 def test_stack_errors(case):
-  name, call, exc, regex = _stack_errors()[case]
+  cases = _stack_errors()
+  assert len(cases) == STACK_ERRORS
+  name, call, exc, regex = cases[case]
   with pytest.raises(exc, match=regex):
     call()
 
@@ -376,3 +441,78 @@ def test_dropout_per_example_in_a_stack():
   assert not np.allclose(a[0], a[1])  # the same input, another mask per example
   b = lora_fn.lora(fn)(stacked, jnp.tile(x[:1], (5, 1)), adapter_ids=ids)
   assert_trees_close(b[0], b[1])
+
+
+def test_strengths_are_set_not_multiplied_and_are_no_part_of_the_adapter():
+  fn, params, x, targets, _ = _dense()
+  adapters, _ = _adapters(params, targets, None)
+  stacked = lora_fn.stack_adapters(adapters)
+  apply = jax.jit(lora_fn.lora(fn))
+  ids = jnp.array([0, 1, 2, 0, 2])
+  half = lora_fn.set_strength(lora_fn.set_strength(stacked, [0.5, 2.0, 0.0]), [0.5, 2.0, 0.0])
+  got = apply(half, x, adapter_ids=ids)
+  for row, (slot, strength) in enumerate(zip(ids.tolist(), [0.5, 2.0, 0.0, 0.5, 0.0], strict=True)):
+    want = fn(lora_fn.merge(lora_fn.scale_adapter(adapters[slot], strength)), x[row : row + 1])
+    assert_trees_close(got[row], want[0], rtol=2e-5)
+  back = lora_fn.unstack_adapter(half, 1)["fc"]["kernel"]  # the adapter as trained
+  np.testing.assert_allclose(back.merged(), adapters[1]["fc"]["kernel"].merged(), rtol=1e-6)
+  swapped = lora_fn.set_adapter(half, 2, adapters[0])  # a new adapter runs at strength 1
+  assert swapped["fc"]["kernel"].strengths.tolist() == [0.5, 2.0, 1.0]
+
+
+def test_grad_over_a_whole_stacked_tree():
+  fn, params, x, targets, _ = _dense()
+  adapters, _ = _adapters(params, targets, None)
+  stacked = lora_fn.stack_adapters(adapters)
+  ids = jnp.array([0, 1, -1, 1, 0])
+  loss = lambda s: jnp.sum(lora_fn.lora(fn)(s, x, adapter_ids=ids) ** 2)
+  grads = jax.grad(loss)(stacked)["fc"]["kernel"]
+  assert grads.ranks.dtype == jnp.float32 and not np.any(grads.ranks)  # data, never trained
+  assert np.any(grads.a[0]) and not np.any(grads.a[2, :, :])  # slot 2 serves no example
+
+
+def test_per_example_names_the_arguments_that_are_per_example():
+  fn, params, x, targets, _ = _dense()
+  adapters, _ = _adapters(params, targets, None)
+  stacked = lora_fn.stack_adapters(adapters)
+  table = jax.random.normal(K(5), (3, 11))  # every example reads the whole table
+  f = lambda p, table, x: fn(p, x) + table.sum(0)
+  apply = lora_fn.lora(f)
+  with pytest.raises(ValueError, match=r"argument 1 has a leading \(example\) axis of size 3"):
+    apply(stacked, table, x, adapter_ids=IDS)
+  got = apply(stacked, table, x, adapter_ids=IDS, per_example=(2,))
+  want = lora_fn.lora(fn)(stacked, x, adapter_ids=IDS) + table.sum(0)
+  assert_trees_close(got, want, rtol=1e-5)
+  kw = lora_fn.lora(lambda p, x, table: f(p, table, x))
+  assert_trees_close(kw(stacked, x, table=table, adapter_ids=IDS, per_example=1), want, rtol=1e-5)
+
+
+def test_ids_as_a_list_under_jit_and_layouts_of_a_stack():
+  fn, params, x, targets, _ = _dense()
+  adapters, _ = _adapters(params, targets, None)
+  stacked = lora_fn.stack_adapters(adapters)
+  run = jax.jit(lambda s, x, i, j: lora_fn.lora(fn)(s, x[:2], adapter_ids=[i, j]))
+  got = run(stacked, x, jnp.int32(2), jnp.int32(-1))
+  assert_trees_close(got[1], fn(params, x[1:2])[0])
+  assert lora_fn.infer_layouts(fn, stacked, x) == lora_fn.infer_layouts(fn, params, x)
+
+
+def test_pool_loads_checkpoints_of_other_ranks_and_a_failed_load_forgets_nothing(tmp_path):
+  fn, params, x, targets, _ = _dense()
+  template = lora_fn.wrap(params, rank=2, targets=targets, key=K(0))
+  other = randomize(lora_fn.wrap(params, rank=3, alpha=6.0, targets=targets, key=K(1)), K(2))
+  big = randomize(lora_fn.wrap(params, rank=5, targets=targets, key=K(3)), K(4))
+  lora_fn.save_adapter(tmp_path / "r3", other)
+  lora_fn.save_adapter(tmp_path / "r5", big)
+  pool = lora_fn.AdapterPool(template, slots=1, rank=4)
+  assert pool.load("r3", tmp_path / "r3") == 0
+  got = lora_fn.lora(fn)(pool.params, x, adapter_ids=jnp.zeros(5, jnp.int32))
+  assert_trees_close(got, fn(lora_fn.merge(other), x), rtol=2e-5)
+  with pytest.raises(ValueError, match=r"adapter has rank 5 at 'fc/kernel'; the stack's slots"):
+    pool.load("r5", tmp_path / "r5")
+  assert pool.names == ["r3"]  # the failed load evicted nothing
+  got = lora_fn.lora(fn)(pool.params, x, adapter_ids=jnp.zeros(5, jnp.int32))
+  assert_trees_close(got, fn(lora_fn.merge(other), x), rtol=2e-5)
+  pool.evict("r3")
+  leaf = pool.params["fc"]["kernel"]
+  assert leaf.ranks.tolist() == [0.0] and leaf.strengths.tolist() == [0.0]
