@@ -1,0 +1,314 @@
+"""Tests for the Flax decoder and generation in ``train/decoder_model.py``.
+
+Every numeric check is against transformers' PyTorch ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``
+built on the CPU from tiny random configs with pairwise-distinct sizes (hidden 48, heads 4 of
+width 10, 2 KV heads, MLP 72, vocab 101), converted with ``from_torch_state_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
+
+import decoder_model as dm
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="interop extra not installed")
+transformers = pytest.importorskip("transformers", reason="interop extra not installed")
+
+VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, LAYERS = 101, 48, 4, 2, 10, 72, 2
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+LLAMA3 = {
+  "rope_type": "llama3",
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  # Short, so the tiny head's wavelengths fall in all three llama3 bands.
+  "original_max_position_embeddings": 64,
+}
+CASES = {
+  # GQA, Llama 3 rope scaling, untied head, explicit head_dim != hidden / heads.
+  "llama3": ("llama", dict(rope_theta=1e4, rope_scaling=dict(LLAMA3), max_position_embeddings=128)),
+  # Tied embeddings, q/k/v bias, no o bias.
+  "qwen2": ("qwen2", dict(rope_theta=1e6, tie_word_embeddings=True)),
+  # Tied embeddings, q/k/v/o bias, MLP bias.
+  "llama_bias": ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+}
+
+
+def _torch_model(case: str):
+  model_type, extra = CASES[case]
+  cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+  config = cls(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=MLP,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    num_key_value_heads=KV_HEADS,
+    head_dim=HEAD_DIM,
+    # Wide logits: greedy choices far apart, so 1e-6 numeric noise never flips them.
+    initializer_range=0.2,
+    pad_token_id=0,
+    bos_token_id=None,
+    eos_token_id=None,
+    **extra,
+  )
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  gen = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for p in model.parameters():  # norms and biases off their init values too
+      p.add_(0.1 * torch.randn(p.shape, generator=gen))
+  return model
+
+
+@functools.cache
+def _case(case: str, **options):
+  """``(torch model, our model, our params)`` for a case; built once per process."""
+  torch_model = _torch_model(case)
+  config = dm.DecoderConfig.from_hf(torch_model.config.to_dict(), **options)
+  params = dm.from_torch_state_dict(torch_model.state_dict(), config)
+  return torch_model, dm.Decoder(config), params
+
+
+@functools.cache
+def _jit(fn):
+  """``jax.jit(fn)``, one per model: compiled programs are shared between tests."""
+  return jax.jit(fn)
+
+
+def _torch_logits(torch_model, ids, mask=None):
+  with torch.no_grad():
+    kwargs = {} if mask is None else {"attention_mask": torch.tensor(np.asarray(mask))}
+    return torch_model(torch.tensor(np.asarray(ids)), **kwargs).logits.numpy()
+
+
+def _ids(shape, seed=0):
+  return np.random.RandomState(seed).randint(1, VOCAB, shape).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------
+# Configs
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_config_from_hf(case):
+  torch_model = _torch_model(case)
+  config = dm.DecoderConfig.from_hf(torch_model.config.to_dict())
+  model_type, extra = CASES[case]
+  assert config.model_type == model_type
+  assert (config.head_dim, config.num_key_value_heads) == (HEAD_DIM, KV_HEADS)
+  assert config.tie_word_embeddings == extra.get("tie_word_embeddings", False)
+  assert config.attention_bias == (model_type == "qwen2" or "attention_bias" in extra)
+  assert config.o_proj_bias == ("attention_bias" in extra)
+
+
+def test_config_reads_both_rope_spellings():
+  base = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=MLP,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    max_position_embeddings=128,
+  )
+  old = dm.DecoderConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": LLAMA3})
+  new = dm.DecoderConfig.from_hf({**base, "rope_parameters": {**LLAMA3, "rope_theta": 5e5}})
+  assert old == new and old.rope_theta == 5e5
+  assert old.rope_scaling == dm.RopeScaling(8.0, 1.0, 4.0, 64)
+  assert (old.head_dim, old.num_key_value_heads) == (HIDDEN // HEADS, HEADS)  # the defaults
+  # original_max_position_embeddings falls back to max_position_embeddings, as transformers.
+  no_original = {k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}
+  c = dm.DecoderConfig.from_hf({**base, "rope_scaling": no_original})
+  assert c.rope_scaling.original_max_position_embeddings == 128
+  legacy = dm.DecoderConfig.from_hf({**base, "rope_scaling": {"type": "default"}})
+  assert legacy.rope_scaling is None and legacy.rope_theta == 10000.0
+
+
+def test_inv_freq_matches_transformers():
+  torch_model = _torch_model("llama3")
+  config = dm.DecoderConfig.from_hf(torch_model.config.to_dict())
+  theirs = torch_model.model.rotary_emb.inv_freq.numpy()
+  np.testing.assert_allclose(dm.inv_freq(config), theirs, rtol=1e-6)
+  # All three llama3 bands are exercised: kept, divided by factor, and interpolated.
+  plain = dm.inv_freq(dataclasses.replace(config, rope_scaling=None))
+  ratio = plain / dm.inv_freq(config)
+  assert np.isclose(ratio, 1).any() and np.isclose(ratio, 8).any()
+  assert ((ratio > 1.01) & (ratio < 7.99)).any()
+
+
+_CONFIG = dict(
+  model_type="llama",
+  vocab_size=11,
+  hidden_size=8,
+  intermediate_size=12,
+  num_hidden_layers=1,
+  num_attention_heads=2,
+)
+
+CONFIG_ERRORS = [
+  ("model_type", dict(model_type="mistral"), ValueError, r"model_type 'mistral'.*supported.*qwen2"),
+  (
+    "architectures",
+    dict(architectures=["Qwen2ForCausalLM"]),
+    ValueError,
+    r"architectures \['Qwen2ForCausalLM'\].*'llama' \(LlamaForCausalLM\)",
+  ),
+  ("rope_type", dict(rope_scaling={"rope_type": "yarn"}), ValueError, r"rope_type 'yarn'"),
+  ("rope_type_new", dict(rope_parameters={"rope_type": "dynamic"}), ValueError, "'dynamic'"),
+  ("llama3_keys", dict(rope_scaling={"rope_type": "llama3"}), ValueError, r"missing: \['factor'"),
+  ("activation", dict(hidden_act="gelu"), ValueError, "hidden_act must be 'silu'"),
+  ("sliding", dict(model_type="qwen2", use_sliding_window=True), ValueError, "sliding-window"),
+  ("missing", dict(vocab_size=None), ValueError, "config.json has no 'vocab_size'"),
+  ("gqa", dict(num_key_value_heads=3, num_attention_heads=4), ValueError, "must divide"),
+  ("partial", dict(partial_rotary_factor=0.5), ValueError, "partial_rotary_factor must be 1.0"),
+]
+
+
+@pytest.mark.parametrize(
+  "name, change, error, match", CONFIG_ERRORS, ids=[c[0] for c in CONFIG_ERRORS]
+)
+def test_config_errors(name, change, error, match):
+  config = {k: v for k, v in {**_CONFIG, **change}.items() if v is not None}
+  with pytest.raises(error, match=match):
+    dm.DecoderConfig.from_hf(config)
+
+
+def test_config_option_errors():
+  with pytest.raises(ValueError, match=r"unknown options \['scan'\]"):
+    dm.DecoderConfig.from_hf(_CONFIG, scan=True)
+  with pytest.raises(TypeError, match="config must be the dict"):
+    dm.DecoderConfig.from_hf("config.json")
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(case):
+  torch_model, model, params = _case(case)
+  ids = _ids((2, 9))
+  ours = _jit(model.apply)({"params": params}, jnp.asarray(ids))
+  assert ours.dtype == jnp.float32 and ours.shape == (2, 9, VOCAB)
+  np.testing.assert_allclose(ours, _torch_logits(torch_model, ids), atol=1e-5, rtol=0)
+
+
+def test_params_names_and_shapes():
+  _, _, params = _case("qwen2")
+  layer = jax.tree.map(jnp.shape, params["layers_1"])
+  assert layer["self_attn"] == {
+    "q_proj": {"kernel": (HIDDEN, HEADS * HEAD_DIM), "bias": (HEADS * HEAD_DIM,)},
+    "k_proj": {"kernel": (HIDDEN, KV_HEADS * HEAD_DIM), "bias": (KV_HEADS * HEAD_DIM,)},
+    "v_proj": {"kernel": (HIDDEN, KV_HEADS * HEAD_DIM), "bias": (KV_HEADS * HEAD_DIM,)},
+    "o_proj": {"kernel": (HEADS * HEAD_DIM, HIDDEN)},
+  }
+  assert layer["mlp"] == {
+    "gate_proj": {"kernel": (HIDDEN, MLP)},
+    "up_proj": {"kernel": (HIDDEN, MLP)},
+    "down_proj": {"kernel": (MLP, HIDDEN)},
+  }
+  assert sorted(params) == ["embed_tokens", "layers_0", "layers_1", "norm"]  # tied: no lm_head
+  assert "lm_head" in _case("llama3")[2]
+  # Freshly initialised params have the loaded ones' structure.
+  init = _case("qwen2")[1].init
+  fresh = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32))["params"]
+  assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params)
+
+
+def test_scan_and_remat_match_unrolled():
+  _, model, params = _case("llama3")
+  ids = jnp.asarray(_ids((2, 9)))
+  want = _jit(model.apply)({"params": params}, ids)
+  stacked = dm.stack_layers(params, LAYERS)
+  models = {
+    options: dm.Decoder(dataclasses.replace(model.config, **dict(options)))
+    for options in (
+      (("scan_layers", True),),
+      (("remat", True),),
+      (("scan_layers", True), ("remat", True)),
+    )
+  }
+  for other in models.values():
+    p = stacked if other.config.scan_layers else params
+    np.testing.assert_allclose(_jit(other.apply)({"params": p}, ids), want, atol=1e-5, rtol=0)
+  assert dm.unstack_layers(stacked, LAYERS).keys() == params.keys()
+
+  def loss(m, p):
+    return jnp.mean(jax.nn.log_softmax(m.apply({"params": p}, ids))[..., 0])
+
+  both = models[(("scan_layers", True), ("remat", True))]
+  want_grad = jax.jit(jax.grad(functools.partial(loss, model)))(params)
+  grad = jax.jit(jax.grad(functools.partial(loss, both)))(stacked)
+  for g, w in zip(
+    jax.tree.leaves(dm.unstack_layers(grad, LAYERS)), jax.tree.leaves(want_grad), strict=True
+  ):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_bf16_compute_close():
+  _, model, params = _case("qwen2")
+  ids = jnp.asarray(_ids((2, 9)))
+  bf16 = dm.Decoder(dataclasses.replace(model.config, dtype=jnp.bfloat16))
+  got = _jit(bf16.apply)({"params": params}, ids)
+  assert got.dtype == jnp.float32
+  want = _jit(model.apply)({"params": params}, ids)
+  assert float(jnp.abs(got - want).max()) < 0.05 * float(jnp.abs(want).max())
+
+
+def test_packed_and_padded_rows_equal_each_sequence_alone():
+  torch_model, model, params = _case("llama3")
+  a, b, c = _ids((1, 4), 1)[0], _ids((1, 3), 2)[0], _ids((1, 6), 3)[0]
+  # Row 0: a and b packed, then 2 pads; row 1: c right-padded by 3.
+  ids = np.zeros((2, 9), np.int32)
+  ids[0, :7], ids[1, :6] = np.concatenate([a, b]), c
+  segments = np.array([[1, 1, 1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0, 0]])
+  positions = np.array([[0, 1, 2, 3, 0, 1, 2, 0, 0], [0, 1, 2, 3, 4, 5, 0, 0, 0]])
+  got = _jit(model.apply)({"params": params}, ids, positions=positions, segment_ids=segments)
+  assert np.isfinite(np.asarray(got)).all()  # padding queries see no key, and stay finite
+  for row, start, seq in ((0, 0, a), (0, 4, b), (1, 0, c)):
+    want = _torch_logits(torch_model, seq[None])[0]
+    np.testing.assert_allclose(got[row, start : start + len(seq)], want, atol=1e-5, rtol=0)
+
+
+def test_cache_prefill_and_steps_equal_full_forward():
+  _, model, params = _case("qwen2")
+  ids = jnp.asarray(_ids((2, 9)))
+  want = _jit(model.apply)({"params": params}, ids)
+  for config in (model.config, dataclasses.replace(model.config, scan_layers=True)):
+    p = dm.stack_layers(params, LAYERS) if config.scan_layers else params
+    cache = dm.init_cache(config, 2, 11)
+    apply = _jit(dm.Decoder(config).apply)
+    first, cache = apply({"params": p}, ids[:, :5], cache=cache, cache_index=0)
+    steps = [first]
+    for i in range(5, 9):
+      logits, cache = apply({"params": p}, ids[:, i : i + 1], cache=cache, cache_index=i)
+      steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), want, atol=1e-5, rtol=0)
+    assert cache["segment_ids"].tolist() == [[1] * 9 + [0] * 2] * 2
+
+
+def test_from_torch_state_dict_errors():
+  torch_model, model, _ = _case("llama3")
+  state = dict(torch_model.state_dict())
+  with pytest.raises(ValueError, match="missing key 'model.norm.weight'"):
+    dm.from_torch_state_dict(
+      {k: v for k, v in state.items() if k != "model.norm.weight"}, model.config
+    )
+  bad = {**state, "model.layers.1.mlp.up_proj.weight": np.zeros((MLP, HIDDEN + 1), np.float32)}
+  with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \(49, 72\)"):
+    dm.from_torch_state_dict(bad, model.config)
+  with pytest.raises(ValueError, match=r"keys the model lacks: \['extra.weight'\]"):
+    dm.from_torch_state_dict({**state, "extra.weight": np.zeros(1)}, model.config)
