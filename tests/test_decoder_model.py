@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import randomize
+
+import lorax_fn as lora_fn
 
 torch = pytest.importorskip("torch", reason="interop extra not installed")
 transformers = pytest.importorskip("transformers", reason="interop extra not installed")
@@ -312,3 +315,222 @@ def test_from_torch_state_dict_errors():
     dm.from_torch_state_dict(bad, model.config)
   with pytest.raises(ValueError, match=r"keys the model lacks: \['extra.weight'\]"):
     dm.from_torch_state_dict({**state, "extra.weight": np.zeros(1)}, model.config)
+
+
+# ------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------
+
+PROMPTS = [[5, 7, 9, 11, 13], [3, 4], [8, 9, 10, 12]]
+NEW = 7
+
+
+def _torch_generate(torch_model, prompts, **kwargs):
+  """transformers' generate on left-padded prompts; returns the new tokens only."""
+  width = max(map(len, prompts))
+  ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+  with torch.no_grad():
+    out = torch_model.generate(
+      input_ids=ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=0, **kwargs
+    )
+  return out[:, width:].numpy()
+
+
+@pytest.mark.parametrize("case", ["llama3", "qwen2"])
+def test_greedy_matches_transformers(case):
+  torch_model, model, params = _case(case)
+  ours = dm.generate(model, {"params": params}, PROMPTS, max_new_tokens=NEW)
+  want = _torch_generate(torch_model, PROMPTS, do_sample=False)
+  np.testing.assert_array_equal(ours, want)
+
+
+def test_prompt_mask_any_padding_equals_lists():
+  _, model, params = _case("llama3")
+  want = dm.generate(model, {"params": params}, PROMPTS, max_new_tokens=NEW)
+  # The same prompts right-padded, with a mask: moved to the left inside generate.
+  ids = np.zeros((3, 5), np.int32)
+  mask = np.zeros((3, 5), np.int32)
+  for i, p in enumerate(PROMPTS):
+    ids[i, : len(p)], mask[i, : len(p)] = p, 1
+  got = dm.generate(model, {"params": params}, ids, prompt_mask=mask, max_new_tokens=NEW)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_stop_tokens_end_rows_as_transformers():
+  torch_model, model, params = _case("llama3")
+  greedy = np.asarray(dm.generate(model, {"params": params}, PROMPTS, max_new_tokens=NEW))
+  stop = int(greedy[0, 2])  # row 0 stops after 3 tokens; other rows where it appears
+  got, lengths = dm.generate(
+    model,
+    {"params": params},
+    PROMPTS,
+    max_new_tokens=NEW,
+    stop_tokens=(stop, 1000),
+    pad_id=0,
+    return_lengths=True,
+  )
+  want = _torch_generate(torch_model, PROMPTS, do_sample=False, eos_token_id=[stop])
+  got = np.asarray(got)
+  np.testing.assert_array_equal(got[:, : want.shape[1]], want)
+  assert (got[:, want.shape[1] :] == 0).all()
+  assert lengths[0] == 3 and got[0, 2] == stop and (got[0, 3:] == 0).all()
+  for row, n in enumerate(np.asarray(lengths)):
+    hits = np.flatnonzero(greedy[row] == stop)
+    assert n == (hits[0] + 1 if hits.size else NEW)
+
+
+def _nucleus(logits: np.ndarray, top_p: float) -> set[int]:
+  order = np.argsort(-logits)
+  probs = np.exp(logits[order] - logits.max())
+  probs /= probs.sum()
+  before = np.cumsum(probs) - probs
+  return set(order[before < top_p].tolist())
+
+
+def test_filter_keeps_top_p_and_top_k_sets():
+  probs = np.array([0.05, 0.5, 0.15, 0.3])
+  logits = jnp.asarray(np.log(probs), jnp.float32)[None]
+  kept = lambda k, p: set(np.flatnonzero(np.isfinite(dm._filter(logits, k, p)[0])).tolist())
+  assert kept(4, 0.4) == {1}
+  assert kept(4, 0.7) == {1, 3}
+  assert kept(4, 0.85) == {1, 3, 2}
+  assert kept(4, 1.0) == {0, 1, 2, 3}
+  assert kept(2, 1.0) == {1, 3}
+  assert kept(1, 1.0) == {1}
+  samples = jax.random.categorical(jax.random.key(0), dm._filter(logits, 4, 0.7), shape=(4000, 1))
+  counts = np.bincount(np.asarray(samples).ravel(), minlength=4)
+  assert counts[0] == counts[2] == 0
+  np.testing.assert_allclose(counts[[1, 3]] / 4000, [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
+
+
+def test_sampling_reproducible_and_within_top_p():
+  _, model, params = _case("llama3")
+  variables = {"params": params}
+  sample = functools.partial(
+    dm.generate, model, variables, PROMPTS, max_new_tokens=NEW, temperature=2.0, top_p=0.6
+  )
+  a, b = np.asarray(sample(key=jax.random.key(1))), sample(key=jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, sample(key=jax.random.key(2)))
+  # Every sampled token lies in the nucleus of the tempered logits that produced it.
+  width = max(map(len, PROMPTS))
+  ids = np.array([[0] * (width - len(p)) + p for p in PROMPTS])
+  mask = (np.arange(width)[None] >= width - np.array([len(p) for p in PROMPTS])[:, None]) * 1
+  full = np.concatenate([ids, np.asarray(a)], axis=1)
+  seg = np.concatenate([mask, np.ones_like(a)], axis=1)
+  logits = _jit(model.apply)(
+    variables, full, positions=np.maximum(np.cumsum(seg, 1) - 1, 0), segment_ids=seg
+  )
+  logits = np.asarray(logits) / 2.0
+  for row in range(len(PROMPTS)):
+    for t in range(NEW):
+      assert a[row, t] in _nucleus(logits[row, width + t - 1], 0.6), (row, t)
+  # top_k=1 (and a tiny top_p) sample the argmax: greedy decoding.
+  greedy = dm.generate(model, variables, PROMPTS, max_new_tokens=NEW)
+  np.testing.assert_array_equal(sample(key=jax.random.key(3), top_k=1), greedy)
+  np.testing.assert_array_equal(sample(key=jax.random.key(3), top_p=1e-6), greedy)
+
+
+GENERATE_ERRORS = [
+  ("max_new_tokens", dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
+  ("temperature", dict(temperature=-1.0), "temperature must be >= 0"),
+  ("top_p", dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+  ("top_k", dict(top_k=0), "top_k must be None or a positive int"),
+  ("no_key", dict(temperature=0.5), "needs a PRNG key"),
+  ("empty", dict(prompt_ids=[[1, 2], []]), r"rows \[1\] are empty"),
+  ("mask_shape", dict(prompt_mask=np.ones((2, 3))), "prompt_mask must have the shape"),
+  ("ndim", dict(prompt_ids=np.ones(3, np.int32)), r"prompt_ids must be \(batch, length\)"),
+  ("ragged_mask", dict(prompt_ids=[[1], [2, 3]], prompt_mask=np.ones((2, 2))), "must be None"),
+]
+
+
+@pytest.mark.parametrize(
+  "name, change, match", GENERATE_ERRORS, ids=[e[0] for e in GENERATE_ERRORS]
+)
+def test_generate_errors(name, change, match):
+  _, model, params = _case("llama3")
+  kwargs = {"prompt_ids": np.ones((2, 4), np.int32), "max_new_tokens": 3, **change}
+  with pytest.raises(ValueError, match=match):
+    dm.generate(model, {"params": params}, kwargs.pop("prompt_ids"), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# LoRA, QLoRA, many adapters, PEFT
+# ------------------------------------------------------------------------------------------
+
+
+def _wrapped(params, seed, **kwargs):
+  wrapped = lora_fn.wrap(params, rank=4, targets=ATTN, key=jax.random.key(seed), **kwargs)
+  return randomize(wrapped, jax.random.key(seed + 100), scale=0.3)
+
+
+def test_lora_unmerged_generation_equals_merged():
+  _, model, params = _case("llama3")
+  wrapped = _wrapped(params, 0)
+  apply = lora_fn.lora(model.apply)
+  ids = jnp.asarray(_ids((2, 9)))
+  merged = lora_fn.merge(wrapped)
+  np.testing.assert_allclose(
+    jax.jit(apply)({"params": wrapped}, ids), _jit(model.apply)({"params": merged}, ids), atol=1e-5
+  )
+  got = dm.generate(model, {"params": wrapped}, PROMPTS, max_new_tokens=NEW, apply_fn=apply)
+  want = dm.generate(model, {"params": merged}, PROMPTS, max_new_tokens=NEW)
+  np.testing.assert_array_equal(got, want)
+  base = dm.generate(model, {"params": params}, PROMPTS, max_new_tokens=NEW)
+  assert not np.array_equal(got, base)  # the adapter changes what is generated
+
+
+def test_lora_on_scanned_params_with_layouts():
+  _, model, params = _case("llama3")
+  scanned = dm.Decoder(dataclasses.replace(model.config, scan_layers=True))
+  stacked = dm.stack_layers(params, LAYERS)
+  found = dm.layouts(stacked)
+  assert found["layers/self_attn/q_proj/kernel"] == ("stack", "in", "out")
+  assert len(found) == 7 and "lm_head/kernel" not in found
+  wrapped = _wrapped(stacked, 0, layouts=found)
+  assert wrapped["layers"]["self_attn"]["o_proj"]["kernel"].roles == ("stack", "in", "out")
+  ids = jnp.asarray(_ids((2, 9)))
+  got = jax.jit(lora_fn.lora(scanned.apply))({"params": wrapped}, ids)
+  want = _jit(scanned.apply)({"params": lora_fn.merge(wrapped)}, ids)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_qlora_nf4_equals_lora_on_the_dequantised_base():
+  _, model, params = _case("qwen2")
+  targets = (*ATTN, "gate_proj", "up_proj", "down_proj")
+  quantized = lora_fn.quantize(params, "nf4", targets=targets)
+  assert lora_fn.is_quant(quantized["layers_0"]["mlp"]["up_proj"]["kernel"])
+  dequantized = jax.tree.map(
+    lambda x: x.dequantize() if lora_fn.is_quant(x) else x, quantized, is_leaf=lora_fn.is_quant
+  )
+  apply = jax.jit(lora_fn.lora(model.apply))
+  ids = jnp.asarray(_ids((2, 9)))
+  qlora = apply({"params": _wrapped(quantized, 0)}, ids)
+  np.testing.assert_allclose(qlora, apply({"params": _wrapped(dequantized, 0)}, ids), atol=1e-5)
+  out = dm.generate(
+    model,
+    {"params": _wrapped(quantized, 0)},
+    PROMPTS,
+    max_new_tokens=NEW,
+    apply_fn=lora_fn.lora(model.apply),
+  )
+  assert out.shape == (3, NEW) and ((0 <= np.asarray(out)) & (np.asarray(out) < VOCAB)).all()
+
+
+def test_per_example_adapters_generate_as_each_alone():
+  _, model, params = _case("llama3")
+  first, second = _wrapped(params, 1), _wrapped(params, 2)
+  stacked = lora_fn.stack_adapters([first, second])
+  ids = jnp.asarray([0, 1, -1], jnp.int32)
+  got = dm.generate(
+    model,
+    {"params": stacked},
+    PROMPTS,
+    max_new_tokens=NEW,
+    apply_fn=lora_fn.lora(model.apply),
+    adapter_ids=ids,
+  )
+  for row, p in enumerate((lora_fn.merge(first), lora_fn.merge(second), params)):
+    want = dm.generate(model, {"params": p}, PROMPTS, max_new_tokens=NEW)
+    np.testing.assert_array_equal(got[row], want[row])
