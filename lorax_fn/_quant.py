@@ -442,6 +442,43 @@ def quantize_pieces(
   )
 
 
+def abstract_quant(
+  x: jax.ShapeDtypeStruct,
+  kind: str,
+  *,
+  block_size: int = 64,
+  double_quant: bool = True,
+  torch_order: bool = False,
+) -> QuantLeaf:
+  """The :class:`QuantLeaf` :func:`quantize_array` would return, as shapes only.
+
+  Its arrays are ``jax.ShapeDtypeStruct``: memory can be planned, and a step AOT-compiled,
+  for a model that is never allocated.
+  """
+  n = math.prod(x.shape)
+  blocks = -(-n // block_size)
+  codes = jax.ShapeDtypeStruct((n if kind == "int8" else -(-n // 2),), np.uint8)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
+  if double_quant:
+    fields = dict(
+      absmax=None,
+      absmax_codes=jax.ShapeDtypeStruct((blocks,), np.uint8),
+      absmax_scale=f32(-(-blocks // DQ_BLOCK)),
+      offset=f32(),
+    )
+  else:
+    fields = dict(absmax=f32(blocks), absmax_codes=None, absmax_scale=None, offset=None)
+  return QuantLeaf(
+    codes,
+    **fields,
+    kind=kind,
+    shape=tuple(x.shape),
+    dtype_name=str(np.dtype(x.dtype)),
+    block_size=block_size,
+    transposed=torch_order,
+  )
+
+
 def is_quant(x: object) -> bool:
   """True for a :class:`QuantLeaf`."""
   return isinstance(x, QuantLeaf)
@@ -467,7 +504,9 @@ def quantize(
   leaf by leaf and chunk by chunk.
 
   Args:
-    params: a pytree of arrays (it may already hold LoRA leaves over plain bases).
+    params: a pytree of arrays (it may already hold LoRA leaves over plain bases). Targeted
+      ``jax.ShapeDtypeStruct`` leaves give leaves of shapes only (nothing is computed), to
+      plan memory or AOT-compile a step for a model that is never allocated.
     kind: ``"nf4"``, ``"int4"`` or ``"int8"``.
     targets: as for :func:`lorax_fn.wrap`.
     block_size: elements per block; a positive power of two.
@@ -527,9 +566,11 @@ def quantize(
         f"the targeted leaf at {path!r} must have at least 2 axes (a kernel); got shape "
         f"{np.shape(base)}"
       )
-    q = quantize_array(
-      base, kind, block_size=block_size, double_quant=double_quant, torch_order=torch_order
-    )
+    settings = dict(block_size=block_size, double_quant=double_quant, torch_order=torch_order)
+    if isinstance(base, jax.ShapeDtypeStruct):
+      q = abstract_quant(base, kind, **settings)
+    else:
+      q = quantize_array(base, kind, **settings)
     out[i] = dataclasses.replace(leaf, w=q) if is_lora(leaf) else q
   return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lorax_fn as lora_fn
 from lorax_fn import _quant
 
 torch = pytest.importorskip(
@@ -188,3 +189,25 @@ def test_per_layer_offsets_decode_each_layer_as_its_own_leaf():
     np.testing.assert_array_equal(
       np.asarray(jax.jit(lambda s: s.dequantize())(stack))[i], np.asarray(q.dequantize())
     )
+
+
+@pytest.mark.parametrize(
+  "shape, kind, block_size, double_quant, torch_order",
+  [
+    ((7, 11), "nf4", 64, True, False),
+    ((13, 5), "nf4", 16, False, True),
+    ((3, 7, 9), "int4", 32, True, False),
+    ((11, 600), "int8", 64, True, True),
+  ],
+)
+def test_abstract_leaves_have_the_shapes_of_real_ones(
+  shape, kind, block_size, double_quant, torch_order
+):
+  x = jax.random.normal(jax.random.key(0), shape)
+  kw = dict(targets=("w",), block_size=block_size, double_quant=double_quant)
+  real = lora_fn.quantize({"w": x}, kind, torch_order=torch_order, **kw)["w"]
+  struct = jax.ShapeDtypeStruct(shape, jnp.float32)
+  abstract = lora_fn.quantize({"w": struct}, kind, torch_order=torch_order, **kw)["w"]
+  spec = lambda leaf: jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), leaf)
+  assert spec(abstract) == spec(real)  # static fields too: the tree structures compare them
+  assert jax.tree.structure(abstract) == jax.tree.structure(real)
