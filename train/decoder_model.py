@@ -420,10 +420,10 @@ class Decoder(nn.Module):
     ...                   head_dim=4)
     >>> model = Decoder(c)
     >>> ids = jnp.zeros((3, 5), jnp.int32)
-    >>> variables = jax.jit(model.init)(jax.random.key(0), ids)
+    >>> variables = jax.eval_shape(model.init, jax.random.key(0), ids)  # shapes only
     >>> sorted(variables["params"])
     ['embed_tokens', 'layers_0', 'lm_head', 'norm']
-    >>> jax.jit(model.apply)(variables, ids).shape
+    >>> jax.eval_shape(model.apply, variables, ids).shape
     (3, 5, 11)
   """
 
@@ -617,11 +617,13 @@ def _modules(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[st
   return out
 
 
-def peft_modules(params: Mapping[str, Any]) -> dict[str, str]:
+def peft_modules(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, str]:
   """The ``modules`` argument of ``lorax_fn.save_peft`` / ``load_peft`` for decoder params.
 
   Args:
     params: :class:`Decoder` params (plain, wrapped or quantised; unrolled or scanned).
+    prefix: Prepended to our paths: ``""`` for ``variables["params"]``, ``"params"`` for a
+      whole variables dict.
 
   Returns:
     Each module path of ``params`` -> transformers' module name (see :func:`module_name`).
@@ -633,8 +635,13 @@ def peft_modules(params: Mapping[str, Any]) -> dict[str, str]:
     >>> p = p["params"]
     >>> peft_modules(p)["layers/self_attn/q_proj"]
     'model.layers.{}.self_attn.q_proj'
+    >>> peft_modules(p, prefix="params")["params/lm_head"]
+    'lm_head'
   """
-  return {path: module_name(path) for path in _modules(params)}
+  if not isinstance(prefix, str):
+    raise TypeError(f"prefix must be a str such as 'params'; got: {prefix!r}")
+  root = "".join(f"{part}/" for part in prefix.split("/") if part)
+  return {root + path: module_name(path) for path in _modules(params)}
 
 
 def layouts(params: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
@@ -819,7 +826,7 @@ def _filter(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
 
 @functools.partial(
   jax.jit,
-  static_argnames=("model", "apply_fn", "max_new_tokens", "greedy", "stop_tokens", "pad_id"),
+  static_argnames=("model", "apply_fn", "max_new_tokens", "greedy"),
 )
 def _generate(
   variables: Any,
@@ -829,14 +836,14 @@ def _generate(
   top_p: jax.Array,
   top_k: jax.Array,
   key: jax.Array,
+  stop: jax.Array,
+  pad_id: jax.Array,
   kwargs: dict[str, Any],
   *,
   model: Decoder,
   apply_fn: Callable[..., Any],
   max_new_tokens: int,
   greedy: bool,
-  stop_tokens: tuple[int, ...],
-  pad_id: int,
 ) -> tuple[jax.Array, jax.Array]:
   b, width = tokens.shape
   # Left-align every prompt's tokens to the end, so all rows write the same cache slot.
@@ -856,7 +863,6 @@ def _generate(
     cache_index=jnp.int32(0),
     **kwargs,
   )
-  stop = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
   def pick(logits: jax.Array, step: jax.Array) -> jax.Array:
     if greedy:
@@ -916,7 +922,9 @@ def generate(
   The prompts are left-aligned to their ends (so every row writes the same cache slot), run
   through the model once (prefill), then one token per step in a ``lax.while_loop`` that ends
   when every row has emitted a stop token or ``max_new_tokens`` are out. A row that stopped
-  emits ``pad_id``. Compiled once per model, ``apply_fn``, shapes and static options.
+  emits ``pad_id``. Compiled once per model, ``apply_fn``, ``max_new_tokens``, greedy or
+  sampling, and argument shapes: build ``apply_fn`` once (``lorax_fn.lora(model.apply)``
+  makes a new function, so a new compilation, each time it is called).
 
   Args:
     model: The decoder.
@@ -963,7 +971,11 @@ def generate(
   greedy = temperature == 0
   if not greedy and key is None:
     raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=")
-  stop = tuple(int(t) for t in stop_tokens)
+  # Stop tokens are data, padded with -1 (never a token) to a multiple of 8 entries, so a
+  # new set of them rarely recompiles.
+  stop = [int(t) for t in stop_tokens]
+  size = 8 * max(1, -(-len(stop) // 8))
+  stop += [-1] * (size - len(stop))
   tokens, mask = _left_pad(prompt_ids, prompt_mask, pad_id)
   out, lengths = _generate(
     variables,
@@ -971,14 +983,14 @@ def generate(
     jnp.asarray(mask),
     jnp.float32(max(temperature, 1e-6)),
     jnp.float32(top_p),
-    jnp.int32(top_k or model.config.vocab_size),
+    jnp.int32(min(top_k or model.config.vocab_size, model.config.vocab_size)),
     jax.random.key(0) if key is None else key,
+    jnp.asarray(stop, jnp.int32),
+    jnp.int32(pad_id),
     kwargs,
     model=model,
     apply_fn=model.apply if apply_fn is None else apply_fn,
     max_new_tokens=max_new_tokens,
     greedy=greedy,
-    stop_tokens=stop,
-    pad_id=int(pad_id),
   )
   return (out, lengths) if return_lengths else out
