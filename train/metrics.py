@@ -102,26 +102,34 @@ class Writer:
       shutil.rmtree(old, ignore_errors=True)
     _sync("best_adapter_renamed")
 
-  def plot(self, path: str) -> None:
-    """Train loss and eval accuracy / macro-F1 against the step, as a PNG."""
+  def plot(
+    self,
+    path: str,
+    eval_keys: Sequence[str] = ("accuracy", "macro_f1"),
+    eval_ylim: tuple[float, float] | None = (0, 1),
+  ) -> None:
+    """Train loss and the eval metrics ``eval_keys`` against the step, as a PNG."""
     # A Figure without pyplot: no backend switch, so a notebook's inline plots keep working.
     from matplotlib.figure import Figure
 
     rec = self.records()
     train = [(r["step"], r["loss"]) for r in rec if r["split"] == "train" and "loss" in r]
-    evals = [(r["step"], r["accuracy"], r["macro_f1"]) for r in rec if r["split"] == "eval"]
     fig = Figure(figsize=(10, 4))
     ax1, ax2 = fig.subplots(1, 2)
     if train:
       s, l = zip(*sorted(dict(train).items()), strict=True)
       ax1.plot(s, l, lw=1)
     ax1.set(xlabel="step", ylabel="train loss", title="training loss")
-    if evals:
-      s, a, f = zip(*sorted({e[0]: e for e in evals}.values()), strict=True)
-      ax2.plot(s, a, "o-", label="accuracy")
-      ax2.plot(s, f, "s--", label="macro-F1")
+    for key, style in zip(eval_keys, ("o-", "s--", "^:", "d-."), strict=False):
+      points = sorted({r["step"]: r[key] for r in rec if r["split"] == "eval" and key in r}.items())
+      if points:
+        s, v = zip(*points, strict=True)
+        ax2.plot(s, v, style, label=key.replace("macro_f1", "macro-F1"))
+    if ax2.lines:
       ax2.legend()
-    ax2.set(xlabel="step", ylabel="eval", title="evaluation", ylim=(0, 1))
+    ax2.set(xlabel="step", ylabel="eval", title="evaluation")
+    if eval_ylim is not None:
+      ax2.set_ylim(*eval_ylim)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

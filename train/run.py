@@ -230,6 +230,44 @@ def init_distributed(config: Any) -> None:
     jax.distributed.initialize()  # the cluster (TPU pod, SLURM, MPI) describes itself
 
 
+def make_optimizer(
+  config: Any, params: Any, trainable: Any, updates: int
+) -> tuple[optax.Schedule, optax.GradientTransformation]:
+  """``config.optim``'s schedule (warm-up, cosine decay over ``updates``) and AdamW.
+
+  Clipped by global norm, and updating only the adapters and ``trainable`` (``lora_fn.optimizer``).
+  """
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0,
+    config.optim.lr,
+    max(int(config.optim.warmup_fraction * updates), 1),
+    max(updates, 2),
+  )
+  tx = lora_fn.optimizer(
+    optax.chain(
+      optax.clip_by_global_norm(config.optim.grad_clip),
+      optax.adamw(schedule, weight_decay=config.optim.weight_decay),
+    ),
+    params,
+    trainable=trainable,
+  )
+  return schedule, tx
+
+
+def init_state(
+  tx: optax.GradientTransformation, params: Any, trainable: Any
+) -> tuple[dict[str, Any], Any]:
+  """``({"trainable", "opt_state"}, frozen)``: the train state, sharded as ``params`` are."""
+  trainable, frozen = lora_fn.split(params, trainable=trainable)
+  trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; the base keeps its own
+  opt_shardings = lora_fn.state_shardings(jax.eval_shape(tx.init, trainable), trainable)
+  state = {
+    "trainable": trainable,
+    "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(trainable),
+  }
+  return state, frozen
+
+
 def make_train_step(
   model: Any, tx: optax.GradientTransformation, key: jax.Array, shardings: tuple[Any, ...]
 ) -> Callable[..., tuple[dict[str, Any], jax.Array]]:
@@ -397,27 +435,8 @@ def train_and_evaluate(config: Any) -> dict[str, Any]:
     params = lora_fn.shard(params, mesh, config.sharding, min_size=config.shard_min_size)
 
     # -------------------------------------------------------------------- Optimizer, step
-    schedule = optax.warmup_cosine_decay_schedule(
-      0.0,
-      config.optim.lr,
-      max(int(config.optim.warmup_fraction * total_steps), 1),
-      max(total_steps, 2),
-    )
-    tx = lora_fn.optimizer(
-      optax.chain(
-        optax.clip_by_global_norm(config.optim.grad_clip),
-        optax.adamw(schedule, weight_decay=config.optim.weight_decay),
-      ),
-      params,
-      trainable=trainable_spec,
-    )
-    trainable, frozen = lora_fn.split(params, trainable=trainable_spec)
-    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; the base keeps its own
-    opt_shardings = lora_fn.state_shardings(jax.eval_shape(tx.init, trainable), trainable)
-    state = {
-      "trainable": trainable,
-      "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(trainable),
-    }
+    schedule, tx = make_optimizer(config, params, trainable_spec, total_steps)
+    state, frozen = init_state(tx, params, trainable_spec)
     shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
     train_step = make_train_step(
       model,
