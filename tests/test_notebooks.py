@@ -29,6 +29,13 @@ TINY = {
     },
     "images_shown": 4,
   },
+  # Offline too: the tiny offline recipe (a toy decoder pre-trained for a few steps).
+  "qlora_llm.ipynb": {
+    "repo": ROOT,
+    "offline_config": "configs/llm_offline.py:tiny",
+    "workdir": "runs/qlora_llm",
+    "examples_shown": 2,
+  },
 }
 
 
@@ -37,6 +44,7 @@ EXPECTED = {
   "quickstart.ipynb": "restored model == trained model: True",
   "vit_food101_tpu.ipynb": "The Hugging Face hub cannot be reached from here: running the "
   "offline digits recipe",
+  "qlora_llm.ipynb": "PEFT export generates as the trained model: True",
 }
 
 
