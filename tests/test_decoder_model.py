@@ -1,4 +1,4 @@
-"""Tests for the Flax decoder and generation in ``train/decoder_model.py``.
+"""Tests for the Flax decoder and generation in ``train/decoder_model.py`` and ``generation.py``.
 
 Every numeric check is against transformers' PyTorch ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``
 built on the CPU from tiny random configs with pairwise-distinct sizes (hidden 48, heads 4 of
@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
 
 import decoder_model as dm
+import generation
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -390,7 +391,7 @@ def _nucleus(logits: np.ndarray, top_p: float) -> set[int]:
 def test_filter_keeps_top_p_and_top_k_sets():
   probs = np.array([0.05, 0.5, 0.15, 0.3])
   logits = jnp.asarray(np.log(probs), jnp.float32)[None]
-  filtered = jax.jit(dm._filter)
+  filtered = jax.jit(generation._filter)
   kept = lambda k, p: set(np.flatnonzero(np.isfinite(filtered(logits, k, p)[0])).tolist())
   assert kept(4, 0.4) == {1}
   assert kept(4, 0.7) == {1, 3}
