@@ -1,5 +1,6 @@
 """lorax_fn: LoRA as a pure function transform for JAX and Flax."""
 
+from lorax_fn._bnb import from_bnb_4bit
 from lorax_fn._checkpoint import (
   adapter_config,
   check_adapter_config,
@@ -15,7 +16,7 @@ from lorax_fn._optim import LoraOptState, optimizer
 from lorax_fn._partition import combine, split, trainable_mask
 from lorax_fn._peft import load_peft, save_peft, serving_problems
 from lorax_fn._pool import AdapterPool
-from lorax_fn._quant import QuantLeaf, is_quant, quantize
+from lorax_fn._quant import QuantLeaf, is_quant, quantize, quantize_pieces
 from lorax_fn._shard import (
   ShardingWarning,
   batch_sharding,
@@ -64,6 +65,8 @@ __all__ = [
   "QuantLeaf",
   "is_quant",
   "quantize",
+  "quantize_pieces",
+  "from_bnb_4bit",
   "read_adapter_config",
   "restore_adapter",
   "save_adapter",

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_fn import _validate
+
 KINDS = ("nf4", "int4", "int8")
 
 # bitsandbytes' NF4 code (index 0-15), float32.
@@ -393,8 +395,24 @@ def quantize_pieces(
     The :class:`QuantLeaf`.
 
   Raises:
-    ValueError: if the pieces hold a different number of elements than ``shape``.
+    ValueError: the pieces hold a different number of elements than ``shape``, an unknown
+      ``kind``, a ``block_size`` that is no power of two, or ``transposed`` with fewer than 2
+      axes.
+    TypeError: ``double_quant`` or ``transposed`` is no bool.
+
+  Example:
+    >>> import numpy as np, lorax_fn as lora_fn
+    >>> x = np.random.default_rng(0).standard_normal((8, 96)).astype(np.float32)
+    >>> rows = (x[i : i + 3] for i in range(0, 8, 3))  # as read, a few rows at a time
+    >>> q = lora_fn.quantize_pieces(rows, "nf4", shape=(8, 96), dtype=np.float32)
+    >>> whole = lora_fn.quantize({"x": x}, "nf4", targets=("x",))["x"]
+    >>> bool((np.asarray(q.codes) == np.asarray(whole.codes)).all()), q.shape
+    (True, (8, 96))
   """
+  block_size, double_quant = _check_settings(kind, block_size, double_quant)
+  transposed = _validate.boolean("transposed", transposed)
+  if transposed and len(shape) < 2:
+    raise ValueError(f"transposed needs a shape of at least 2 axes; got: {tuple(shape)}")
   code = _CODES[kind]
   unit = block_size if kind == "int8" or block_size % 2 == 0 else 2 * block_size
   codes, absmax, seen = [], [], 0
@@ -479,6 +497,16 @@ def abstract_quant(
   )
 
 
+def _check_settings(kind: Any, block_size: Any, double_quant: Any) -> tuple[int, bool]:
+  """``(block_size, double_quant)`` checked; a ValueError/TypeError naming the bad one."""
+  if kind not in KINDS:
+    raise ValueError(f"kind must be one of {KINDS}; got: {kind!r}")
+  block_size = _validate.positive_int("block_size (a power of two)", block_size)
+  if block_size & (block_size - 1):
+    raise ValueError(f"block_size must be a positive power of two; got: {block_size!r}")
+  return block_size, _validate.boolean("double_quant", double_quant)
+
+
 def is_quant(x: object) -> bool:
   """True for a :class:`QuantLeaf`."""
   return isinstance(x, QuantLeaf)
@@ -537,14 +565,7 @@ def quantize(
   from lorax_fn import _paths
   from lorax_fn._leaves import is_lora
 
-  if kind not in KINDS:
-    raise ValueError(f"kind must be one of {KINDS}; got: {kind!r}")
-  from lorax_fn import _validate
-
-  block_size = _validate.positive_int("block_size (a power of two)", block_size)
-  if block_size & (block_size - 1):
-    raise ValueError(f"block_size must be a positive power of two; got: {block_size!r}")
-  double_quant = _validate.boolean("double_quant", double_quant)
+  block_size, double_quant = _check_settings(kind, block_size, double_quant)
   torch_order = _validate.boolean("torch_order", torch_order)
   is_node = lambda x: is_lora(x) or is_quant(x)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)

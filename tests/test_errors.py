@@ -363,6 +363,42 @@ CASES = [
     ValueError,
     r"kind must be one of \('nf4', 'int4', 'int8'\); got: 'NF4'",
   ),
+  (
+    "quantize_pieces_kind",
+    lambda: lora_fn.quantize_pieces([np.ones(8)], "fp4", shape=(2, 4), dtype=np.float32),
+    ValueError,
+    r"kind must be one of \('nf4', 'int4', 'int8'\); got: 'fp4'",
+  ),
+  (
+    "quantize_pieces_block_size",
+    lambda: lora_fn.quantize_pieces(
+      [np.ones(8)], "nf4", shape=(2, 4), dtype=np.float32, block_size=48
+    ),
+    ValueError,
+    r"block_size must be a positive power of two; got: 48",
+  ),
+  (
+    "quantize_pieces_transposed_vector",
+    lambda: lora_fn.quantize_pieces(
+      [np.ones(8)], "nf4", shape=(8,), dtype=np.float32, transposed=True
+    ),
+    ValueError,
+    r"transposed needs a shape of at least 2 axes; got: \(8,\)",
+  ),
+  (
+    "quantize_pieces_transposed_str",
+    lambda: lora_fn.quantize_pieces(
+      [np.ones(8)], "nf4", shape=(2, 4), dtype=np.float32, transposed="yes"
+    ),
+    TypeError,
+    r"transposed must be a bool; got: 'yes'",
+  ),
+  (
+    "quantize_pieces_count",
+    lambda: lora_fn.quantize_pieces([np.ones(7)], "nf4", shape=(2, 4), dtype=np.float32),
+    ValueError,
+    r"the pieces hold 7 elements; shape \(2, 4\) has 8",
+  ),
   # infer_layouts / default_layout
   (
     "infer_no_matrix",
