@@ -30,6 +30,7 @@ CHAT_TEMPLATE = (  # ChatML, as Qwen2's
   "{{ message['content'] }}<|im_end|>\n{% endfor %}"
   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+COPY_SEPARATOR = "\n"  # between a sentence and its copy in a pre-training copy row
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _PROSE = re.compile(r"[A-Z][A-Za-z ,;'()-]*[a-z]\.")  # letters and light punctuation only
 _DOCSTRING = re.compile(r'"""(.*?)"""', re.S)
@@ -178,11 +179,11 @@ class OfflineCorpus:
   """The files ``build_offline_corpus`` wrote.
 
   Attributes:
-    pretrain: JSONL of ``{"text": sentence}``, the sentences not held out.
+    pretrain: JSONL of ``{"text": sentence}``, the sentences not held out (then any copy rows).
     train: JSONL correction pairs (``instruction``, ``input``: corrupted, ``output``: original).
     eval: JSONL correction pairs of other held-out sentences.
     tokenizer: a tokenizer directory for ``AutoTokenizer.from_pretrained``.
-    num_pretrain: how many pre-training sentences.
+    num_pretrain: how many pre-training rows.
   """
 
   pretrain: str
@@ -201,6 +202,7 @@ def build_offline_corpus(
   rate: float = 0.05,
   vocab_size: int = 512,
   max_chars: int = 100,
+  copies: float = 0.0,
 ) -> OfflineCorpus:
   """Pre-training text, a tokenizer and a spelling-correction task, from Python's documentation.
 
@@ -216,13 +218,20 @@ def build_offline_corpus(
     rate: the per-letter probability of a spelling error.
     vocab_size: the tokenizer's vocabulary, 260 (bytes) or more.
     max_chars: the longest held-out sentence.
+    copies: the share of pre-training sentences also written as a copy row, the sentence, a
+      newline and the same sentence again (``COPY_SEPARATOR``): language modelling that rewards
+      looking back and copying (induction), a generic skill a prompted task builds on. These
+      rows follow the plain ones; none is a held-out sentence.
 
   Returns:
     The paths written.
 
   Raises:
-    ValueError: not enough sentences for ``n_train + n_eval`` and some pre-training text.
+    ValueError: not enough sentences for ``n_train + n_eval`` and some pre-training text;
+      ``copies`` not in [0, 1].
   """
+  if not 0 <= copies <= 1:
+    raise ValueError(f"copies must be in [0, 1]; got: {copies}")
   everything = corpus_sentences()
   order = np.random.default_rng([seed, 0]).permutation(len(everything))
   short = [i for i in order if len(everything[i]) <= max_chars][: n_train + n_eval]
@@ -235,7 +244,11 @@ def build_offline_corpus(
     )
   os.makedirs(workdir, exist_ok=True)
   paths = {k: os.path.join(workdir, f"{k}.jsonl") for k in ("pretrain", "train", "eval")}
-  _write_jsonl(paths["pretrain"], [{"text": s} for s in pretrain])
+  repeat = np.random.default_rng([seed, 2]).permutation(len(pretrain))[
+    : round(copies * len(pretrain))
+  ]
+  rows = pretrain + [pretrain[i] + COPY_SEPARATOR + pretrain[i] for i in sorted(repeat)]
+  _write_jsonl(paths["pretrain"], [{"text": s} for s in rows])
   rng = np.random.default_rng([seed, 1])
   pairs = [
     {"instruction": INSTRUCTION, "input": corrupt(s, rate=rate, rng=rng), "output": s}
@@ -245,7 +258,7 @@ def build_offline_corpus(
   _write_jsonl(paths["eval"], pairs[n_train:])
   tokenizer = os.path.join(workdir, "tokenizer")
   build_tokenizer(pretrain, tokenizer, vocab_size=vocab_size)
-  return OfflineCorpus(**paths, tokenizer=tokenizer, num_pretrain=len(pretrain))
+  return OfflineCorpus(**paths, tokenizer=tokenizer, num_pretrain=len(rows))
 
 
 def _write_jsonl(path: str, records: Sequence[dict[str, str]]) -> None:
