@@ -1,5 +1,6 @@
 """lorax_fn: LoRA as a pure function transform for JAX and Flax."""
 
+from lorax_fn._adalora import AdaLoraState, adalora, adalora_ranks
 from lorax_fn._bnb import from_bnb_4bit
 from lorax_fn._checkpoint import (
   adapter_config,
@@ -11,6 +12,7 @@ from lorax_fn._checkpoint import (
 from lorax_fn._infer import infer_layouts
 from lorax_fn._interpret import MaterializeWarning, lora
 from lorax_fn._leaves import Layout, LoraLeaf, LoraStack, is_lora, is_stack
+from lorax_fn._loraplus import loraplus
 from lorax_fn._mix import weighted_adapter
 from lorax_fn._optim import LoraOptState, optimizer
 from lorax_fn._partition import combine, split, trainable_mask
@@ -36,6 +38,9 @@ from lorax_fn._summary import summary
 from lorax_fn._wrap import default_layout, merge, unwrap, wrap
 
 __all__ = [
+  "AdaLoraState",
+  "adalora",
+  "adalora_ranks",
   "weighted_adapter",
   "AdapterPool",
   "unstack_adapter",
@@ -58,6 +63,7 @@ __all__ = [
   "is_lora",
   "load_peft",
   "lora",
+  "loraplus",
   "make_mesh",
   "merge",
   "optimizer",

@@ -75,9 +75,9 @@ def adapter_state(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """The trained arrays as ``{path: array}`` and their LoRA configuration as JSON data.
 
-  LoRA leaves contribute ``path/a`` and ``path/b``; leaves selected by ``trainable`` /
-  ``bias`` (see :func:`lorax_fn.trainable_mask`) contribute themselves. The frozen base is
-  never included.
+  LoRA leaves contribute ``path/a`` and ``path/b`` (DoRA leaves ``path/m`` too); leaves
+  selected by ``trainable`` / ``bias`` (see :func:`lorax_fn.trainable_mask`) contribute
+  themselves. The frozen base is never included.
   """
   mask = trainable_mask(params, trainable=trainable, bias=bias)
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]
@@ -95,6 +95,9 @@ def adapter_state(
     if is_lora(leaf):
       leaf.check(p)  # a half of split has no w (or no a, b) to record
       arrays[f"{p}/a"], arrays[f"{p}/b"] = leaf.a, leaf.b
+      for field in ("m", "e"):  # DoRA's magnitude, AdaLoRA's singular values
+        if getattr(leaf, field) is not None:
+          arrays[f"{p}/{field}"] = getattr(leaf, field)
       lora[p] = {
         "shape": list(leaf.shape),
         "roles": list(leaf.roles),
@@ -102,6 +105,8 @@ def adapter_state(
         "alpha": leaf.alpha,
         "rslora": leaf.rslora,
         "dropout": leaf.dropout,
+        "dora": leaf.dora,
+        "adalora": leaf.e is not None,
       }
     elif mark:
       arrays[p] = leaf
@@ -115,9 +120,9 @@ def adapter_config(
 ) -> dict[str, Any]:
   """The JSON record :func:`save_adapter` writes (without ``metadata``), for any checkpoint.
 
-  It names every LoRA leaf with its shape, axis roles, rank, alpha, rsLoRA and dropout, the
-  fully trained extra leaves, and the shape and dtype of each saved array. Store it with your
-  own checkpoints (``train/run.py`` does) and compare with :func:`check_adapter_config`.
+  It names every LoRA leaf with its shape, axis roles, rank, alpha, rsLoRA, dropout and DoRA,
+  the fully trained extra leaves, and the shape and dtype of each saved array. Store it with
+  your own checkpoints (``train/run.py`` does) and compare with :func:`check_adapter_config`.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -326,11 +331,12 @@ def check_adapter_config(
     )
   for p, s in s_lora.items():
     c = c_lora[p]
-    for field in ("shape", "roles", "rank", "alpha", "rslora"):
-      if s[field] != c[field]:
+    for field in ("shape", "roles", "rank", "alpha", "rslora", "dora", "adalora"):
+      saved_value, value = s.get(field, False), c.get(field, False)  # older records: no "dora"
+      if saved_value != value:
         raise ValueError(
-          f"{where}: LoRA leaf {p!r} was saved with {field}={s[field]!r} but the model has "
-          f"{field}={c[field]!r}."
+          f"{where}: LoRA leaf {p!r} was saved with {field}={saved_value!r} but the model has "
+          f"{field}={value!r}."
         )
   if sorted(saved["trainable"]) != sorted(current["trainable"]):
     raise ValueError(
@@ -459,7 +465,8 @@ def load_adapter_state(params: Any, arrays: Mapping[str, Any]) -> Any:
   def put(path: Any, leaf: Any) -> Any:
     p = _paths.path_str(path)
     if is_lora(leaf) and f"{p}/a" in arrays:
-      return dataclasses.replace(leaf, a=arrays[f"{p}/a"], b=arrays[f"{p}/b"])
+      m, e = arrays.get(f"{p}/m", leaf.m), arrays.get(f"{p}/e", leaf.e)
+      return dataclasses.replace(leaf, a=arrays[f"{p}/a"], b=arrays[f"{p}/b"], m=m, e=e)
     return arrays.get(p, leaf)
 
   return jax.tree_util.tree_map_with_path(put, params, is_leaf=is_lora)

@@ -199,9 +199,10 @@ def _scan_slices(v: LoraVal) -> tuple[tuple[Any, ...], Callable[[tuple[Any, ...]
 
   a_xs, a_const, a_axes = lead(v.a, v.a_axes)
   b_xs, b_const, b_axes = lead(v.b, v.b_axes)
+  g_xs, g_const, g_axes = (None, None, ()) if v.g is None else lead(v.g, v.g_axes)
 
   def rebuild(parts: tuple[Any, ...]) -> LoraVal:
-    w, a, b = parts
+    w, a, b, g = parts
     return LoraVal(
       w,
       a_const if a is None else a,
@@ -210,20 +211,22 @@ def _scan_slices(v: LoraVal) -> tuple[tuple[Any, ...], Callable[[tuple[Any, ...]
       b_axes,
       v.scale,
       v.dropout,
+      g_const if g is None else g,
+      g_axes,
     )
 
   w = v.w
   if isinstance(w, LazyBase) and w.elementwise and w.q.sliceable():
     # Scan over layer indices and decode only the current layer inside the body.
     stack, views = w.q, w.views
-    parts = (jnp.arange(stack.shape[0]), a_xs, b_xs)
+    parts = (jnp.arange(stack.shape[0]), a_xs, b_xs, g_xs)
 
     def rebuild_quant(parts: tuple[Any, ...]) -> LoraVal:
-      i, a, b = parts
-      return rebuild((LazyBase(QuantSlice(stack, i), views, True), a, b))
+      i, a, b, g = parts
+      return rebuild((LazyBase(QuantSlice(stack, i), views, True), a, b, g))
 
     return parts, rebuild_quant
-  return (dense(w), a_xs, b_xs), rebuild  # views that move axis 0: decoded whole
+  return (dense(w), a_xs, b_xs, g_xs), rebuild  # views that move axis 0: decoded whole
 
 
 def _scan_rule(ctx: _Ctx, eqn: Any, invals: list[Any]) -> list[Any]:

@@ -91,6 +91,12 @@ class LoraLeaf:
     alpha: the LoRA alpha.
     rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
     dropout: dropout rate on the input of the low-rank path (train time only).
+    m: DoRA's trainable magnitude (``None``: plain LoRA), one entry per output unit: the
+      shape of ``w`` without its ``"in"`` axes. The leaf then stands for
+      ``m / ‖W + scale·B·A‖ ⊙ (W + scale·B·A)``, the norm taken over the ``"in"`` axes.
+    e: AdaLoRA's trainable singular values Λ (``None``: plain LoRA), of shape
+      ``stack + (rank,)``. The leaf then stands for ``W + alpha/(rank + 1e-5)·B·(Λ ⊙ A)``
+      (PEFT's ``SVDLinear``; see :func:`lorax_fn.adalora`).
   """
 
   w: jax.Array
@@ -101,6 +107,8 @@ class LoraLeaf:
   alpha: float = dataclasses.field(metadata=dict(static=True))
   rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
   dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+  m: jax.Array | None = None
+  e: jax.Array | None = None
 
   def __post_init__(self) -> None:
     # Runs on every unflatten too: static fields only, which are cheap to check.
@@ -135,14 +143,32 @@ class LoraLeaf:
   def ndim(self) -> int:
     return len(self.roles)
 
+  @property
+  def dora(self) -> bool:
+    """True for a DoRA leaf (one with a magnitude ``m``)."""
+    return self.m is not None
+
   def merged(self, dtype: jnp.dtype | None = None) -> jax.Array:
     """``W + scale * B·A`` as one dense array, in ``dtype`` (default: ``w``'s dtype).
 
-    A quantised base is dequantised first; quantising the result again would change the
-    model's outputs (the low-rank update is not on the quantisation grid).
+    With DoRA, ``m / ‖W + scale·B·A‖ ⊙ (W + scale·B·A)``. A quantised base is dequantised
+    first; quantising the result again would change the model's outputs (the low-rank
+    update is not on the quantisation grid).
     """
+    from lorax_fn._adalora import effective_a  # (an import cycle at module level)
+
     a_axes, b_axes = factor_axes(self.roles)
-    return merge_dense(self.base(), self.a, a_axes, self.b, b_axes, self.scale, dtype)
+    dtype = self.w.dtype if dtype is None else dtype
+    a = self.a if self.e is None else effective_a(self)
+    if self.m is None:
+      return merge_dense(self.base(), a, a_axes, self.b, b_axes, self.scale, dtype)
+    w = self.base()
+    compute = jnp.promote_types(jnp.promote_types(self.a.dtype, w.dtype), jnp.float32)
+    merged = merge_dense(w, a, a_axes, self.b, b_axes, self.scale, compute)
+    ins = tuple(i for i, r in enumerate(self.roles) if r == "in")
+    norm = jnp.sqrt(jnp.sum(jnp.square(merged), axis=ins, keepdims=True))
+    m = jnp.expand_dims(self.m.astype(compute), ins)
+    return (merged * (m / jnp.where(norm > 0, norm, 1))).astype(dtype)
 
   def base(self) -> jax.Array:
     """The base weight as an array (a quantised base dequantised)."""
@@ -157,7 +183,8 @@ class LoraLeaf:
         f"LoRA leaf at {path!r} has no {' or '.join(missing)} (None): it is one half of "
         f"lorax_fn.split; combine it with the {half} half first: combine(trainable, frozen)."
       )
-    for name in ("w", "a", "b"):
+    extra = tuple(f for f in ("m", "e") if getattr(self, f) is not None)
+    for name in ("w", "a", "b") + extra:
       x = getattr(self, name)
       if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"LoRA leaf at {path!r}: {name} must be an array; got: {type(x).__name__}")
@@ -175,6 +202,36 @@ class LoraLeaf:
         f"and rank {self.rank} expects a of shape {a_shape} and b of shape {b_shape}; "
         f"got a {tuple(self.a.shape)} and b {tuple(self.b.shape)}."
       )
+    m_shape = magnitude_shape(self.w.shape, self.roles)
+    if self.m is not None and tuple(self.m.shape) != m_shape:
+      raise ValueError(
+        f"DoRA leaf at {path!r}: base weight of shape {self.shape} with layout {self.roles} "
+        f"expects a magnitude m of shape {m_shape} (its axes but the 'in' ones); got "
+        f"{tuple(self.m.shape)}."
+      )
+    e_shape = a_shape[: self.roles.count("stack") + 1]
+    if self.e is not None and tuple(self.e.shape) != e_shape:
+      raise ValueError(
+        f"AdaLoRA leaf at {path!r}: rank {self.rank} and layout {self.roles} expect singular "
+        f"values e of shape {e_shape} (stack + rank); got {tuple(self.e.shape)}."
+      )
+
+
+def magnitude_shape(shape: Sequence[int], roles: Sequence[str]) -> tuple[int, ...]:
+  """Shape of DoRA's magnitude ``m``: the kernel's axes but its ``"in"`` ones."""
+  return tuple(d for d, r in zip(shape, roles, strict=True) if r != "in")
+
+
+def trainable_fields(x: LoraLeaf | LoraStack) -> dict[str, bool | None]:
+  """Per array field of a LoRA node: trained (``a``, ``b``, DoRA's ``m``, AdaLoRA's ``e``) or not.
+
+  An absent ``m`` or ``e`` stays ``None``, so masks keep the structure of the tree they describe.
+  """
+  optional = ("m", "e")
+  return {
+    f: None if f in optional and getattr(x, f) is None else f in ("a", "b") + optional
+    for f in data_fields(x)
+  }
 
 
 def is_lora(x: object) -> bool:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from lorax_fn import _paths
-from lorax_fn._leaves import is_adapter, is_stack
+from lorax_fn._leaves import is_adapter, is_lora, is_stack
 from lorax_fn._partition import _is_mask_leaf, combine, partition, trainable_mask
 
 
@@ -109,6 +109,12 @@ def _check_like(what: str, tree: Any, mask: Any) -> None:
       raise ValueError(
         f"{what} at {path!r} has rank {x.rank} and layout {x.roles}; the optimizer was built "
         f"for rank {m.rank} and layout {m.roles}"
+      )
+    if is_lora(m) and x.a is not None and (m.m is None) != (x.m is None):
+      kinds = ("a plain LoRA leaf", "a DoRA leaf (with a magnitude m)")
+      raise ValueError(
+        f"{what} at {path!r} is {kinds[x.m is not None]}; the optimizer was built for "
+        f"{kinds[m.m is not None]}"
       )
   if what == "updates":
     _check_split_form(expected, got)

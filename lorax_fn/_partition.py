@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from lorax_fn import _paths, _validate
-from lorax_fn._leaves import data_fields, is_adapter, static_fields
+from lorax_fn._leaves import data_fields, is_adapter, static_fields, trainable_fields
 
 _BIAS_MODES = ("none", "all", "lora_only")
 
@@ -23,11 +23,11 @@ def trainable_mask(
 ) -> Any:
   """A pytree of bools, one per array leaf: ``True`` where the leaf is trained.
 
-  LoRA factors ``a`` and ``b`` are always trainable and the base ``w`` never is. Other
-  leaves are frozen unless ``trainable`` selects them (like PEFT's ``modules_to_save``:
-  names select every leaf under a matching path component, e.g. ``("head",)``) or
-  ``bias`` says so: ``"all"`` trains every leaf named ``bias``, ``"lora_only"`` the biases
-  beside a LoRA kernel.
+  LoRA factors ``a`` and ``b`` (and DoRA's magnitude ``m``) are always trainable and the
+  base ``w`` never is. Other leaves are frozen unless ``trainable`` selects them (like
+  PEFT's ``modules_to_save``: names select every leaf under a matching path component,
+  e.g. ``("head",)``) or ``bias`` says so: ``"all"`` trains every leaf named ``bias``,
+  ``"lora_only"`` the biases beside a LoRA kernel.
 
   ``trainable`` may also be a regex (it selects every leaf whose path it finds) or a
   predicate ``(path, leaf) -> bool``.
@@ -56,8 +56,8 @@ def trainable_mask(
   match = _extra_matcher(trainable)
   marks, hit_paths = [], []
   for path, (_, x) in zip(paths, flat, strict=True):
-    if is_adapter(x):  # A and B train; the base (and a stack's scales, ranks...) never
-      marks.append(dataclasses.replace(x, **{f: f in ("a", "b") for f in data_fields(x)}))
+    if is_adapter(x):  # A, B (and DoRA's m) train; the base (a stack's scales...) never
+      marks.append(dataclasses.replace(x, **trainable_fields(x)))
       continue
     name, module = path.rsplit("/", 1)[-1], path.rsplit("/", 1)[0] if "/" in path else ""
     hit = match is not None and bool(match(path, x))

@@ -3,7 +3,8 @@
 A PEFT LoRA directory is ``adapter_config.json`` plus ``adapter_model.safetensors`` whose keys
 are ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and ``...lora_B.weight``
 ``(out, r)`` (an ``Embedding``: ``lora_embedding_A`` ``(r, num)``, ``lora_embedding_B``
-``(dim, r)``), and ``base_model.model.<module>.<param>`` for fully trained modules
+``(dim, r)``), DoRA's ``...lora_magnitude_vector`` (``(out,)``; a ``Conv2d``'s
+``(1, out, 1, 1)``), and ``base_model.model.<module>.<param>`` for fully trained modules
 (``modules_to_save``) and trained biases. ``modules`` maps this library's module paths to
 PyTorch module names; how each array converts follows from its kernel's axis roles
 (``_torch_layout``), so no model needs a converter of its own.
@@ -25,8 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_fn import _paths, _torch_layout
-from lorax_fn._leaves import LoraLeaf, factor_shapes, is_adapter, is_lora, is_stack
+from lorax_fn import _adalora, _init, _paths, _torch_layout
+from lorax_fn._leaves import (
+  LoraLeaf,
+  factor_shapes,
+  is_adapter,
+  is_lora,
+  is_stack,
+  magnitude_shape,
+)
 from lorax_fn._partition import trainable_mask
 from lorax_fn._quant import is_quant
 
@@ -48,7 +56,6 @@ _KERNEL_NAMES = ("kernel", "embedding")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # PEFT options that change what an adapter computes, with the value that does not.
 _UNSUPPORTED = {
-  "use_dora": False,
   "lora_bias": False,
   "layers_to_transform": None,
   "layer_replication": None,
@@ -61,7 +68,9 @@ _UNSUPPORTED = {
 _PLAIN_INITS = (True, False, "gaussian")
 _FACTOR_KEY = re.compile(
   r"(?P<m>.+)\.(?P<f>lora_A|lora_B)\.weight|(?P<e>.+)\.(?P<g>lora_embedding_A|lora_embedding_B)"
+  r"|(?P<d>.+)\.lora_magnitude_vector(?:\.weight)?"
 )
+_MAGNITUDE = "lora_magnitude_vector"
 
 
 # ------------------------------------------------------------------------------------------
@@ -267,6 +276,8 @@ def save_peft(
   max_lora_rank: int = 16,
   heads: Sequence[str] = ("lm_head",),
   layouts: Mapping[str, Sequence[str]] | None = None,
+  initial: Any = None,
+  adalora: Mapping[str, Any] | None = None,
   overwrite: bool = False,
 ) -> None:
   """Writes the adapters (and fully trained modules) as a PEFT LoRA directory.
@@ -291,6 +302,18 @@ def save_peft(
     heads: module names that count as an output head, for ``strict_serving``.
     layouts: layouts of fully trained kernels whose default layout is ambiguous (a 3-D
       ``DenseGeneral``), as for :func:`wrap`.
+    initial: for adapters whose init changed the base (``init="pissa"``, ``"olora"``): the
+      LoRA leaves as :func:`wrap` made them, before training (the tree it returned, or its
+      trainable half from :func:`split`). The adapter is then written as PEFT's
+      ``path_initial_model_for_weight_conversion`` writes it: a plain LoRA of rank ``2r``,
+      ``[A; A₀]`` and ``[B, -B₀]`` (alpha doubled, ``√2×`` with rsLoRA, so the scale stays),
+      to load onto the ORIGINAL base, which vLLM serves. Without it the adapter is
+      relative to the base in ``params`` (for PiSSA / OLoRA the residual that
+      :func:`unwrap` returns).
+    adalora: for AdaLoRA leaves (written as PEFT's ``peft_type "ADALORA"``, the triplets
+      pruned to ``e = 0`` left out and named in ``rank_pattern``): the keyword arguments
+      given to :func:`lorax_fn.adalora`, recorded as PEFT records its schedule (without
+      them a placeholder schedule: PEFT needs one to load, inference ignores it).
     overwrite: replace an existing directory.
 
   Raises:
@@ -318,21 +341,32 @@ def save_peft(
     if problems:
       raise ValueError("vLLM would refuse this adapter: " + "; ".join(problems))
   leaves = dict(_flat(params))
+  if initial is not None:
+    initial = _init.initial_factors(initial, {s.path: leaves[s.path] for s in loras})
   tensors: dict[str, np.ndarray] = {}
   ranks, alphas = collections.defaultdict(list), collections.defaultdict(list)
   options = collections.defaultdict(set)
   for site in loras:
     leaf = leaves[site.path]
     a, b = _host(leaf.a), _host(leaf.b)
+    rank, alpha = leaf.rank, leaf.alpha
+    if initial is not None:
+      first = initial[site.path]
+      a, b, rank, alpha = _init.convert_to_plain(leaf, a, b, _host(first.a), _host(first.b))
+    m = None if leaf.m is None else _host(leaf.m)
     a_name, b_name = _torch_layout.factor_names(site.kind)
     for i, names in enumerate(site.names):
       ta, tb = _torch_layout.factors_to_torch(_layer(a, site, i), _layer(b, site, i), site.kind)
       tensors[f"{PREFIX}{names[0]}.{a_name}"] = np.ascontiguousarray(ta)
       tensors[f"{PREFIX}{names[0]}.{b_name}"] = np.ascontiguousarray(tb)
-      ranks[leaf.rank].append(names[0])
-      alphas[_number(leaf.alpha)].append(names[0])
+      if m is not None:
+        tm = _layer(m, site, i).reshape(_magnitude_shape(site, tb.shape[0]))
+        tensors[f"{PREFIX}{names[0]}.{_MAGNITUDE}"] = np.ascontiguousarray(tm)
+      ranks[rank].append(names[0])
+      alphas[_number(alpha)].append(names[0])
     options["rslora"].add(leaf.rslora)
     options["dropout"].add(leaf.dropout)
+    options["dora"].add(leaf.dora)
   for option, values in options.items():
     if len(values) > 1:
       raise ValueError(
@@ -355,7 +389,7 @@ def save_peft(
     "rank_pattern": _pattern_keys(ranks, r),
     "alpha_pattern": _pattern_keys(alphas, alpha),
     "use_rslora": options["rslora"].pop(),
-    "use_dora": False,
+    "use_dora": options["dora"].pop(),
     "lora_dropout": options["dropout"].pop(),
     "bias": bias,
     "modules_to_save": modules_to_save or None,
@@ -365,7 +399,16 @@ def save_peft(
     "layers_pattern": None,
     "revision": None,
   }
+  if any(leaves[s.path].e is not None for s in loras):
+    config, tensors = _adalora.to_peft(config, tensors, loras, leaves, adalora, "save_peft")
+  elif adalora is not None:
+    raise ValueError("adalora= records AdaLoRA's settings, but params hold no AdaLoRA leaf")
   _write(path, config, tensors, overwrite)
+
+
+def _magnitude_shape(site: _Site, n_out: int) -> tuple[int, ...]:
+  """PEFT's shape of one layer's DoRA magnitude: ``(out,)``, a ``Conv2d``'s ``(1, out, 1, 1)``."""
+  return (1, n_out, 1, 1) if site.kind == _torch_layout.CONV2D else (n_out,)
 
 
 def _save_sites(params: Any, modules: Modules, trainable: Any, bias: str, layouts: Any):
@@ -453,10 +496,10 @@ def serving_problems(
 ) -> list[str]:
   """What vLLM would refuse in this adapter, one line each; empty if it serves it as is.
 
-  vLLM serves plain LoRA on linear (and embedding) layers: no trained biases (unless the
-  server enables them), no fully trained module but an output head, every rank at most the
-  server's ``--max-lora-rank``, and one scale ``lora_alpha / r`` for every module (it reads
-  no ``rank_pattern`` / ``alpha_pattern``).
+  vLLM serves plain LoRA on linear (and embedding) layers: no DoRA, no trained biases
+  (unless the server enables them), no fully trained module but an output head, every rank
+  at most the server's ``--max-lora-rank``, and one scale ``lora_alpha / r`` for every module
+  (it reads no ``rank_pattern`` / ``alpha_pattern``).
 
   Args:
     params: the wrapped parameters.
@@ -531,6 +574,18 @@ def serving_problems(
     )
   if convs:
     problems.append(f"{convs[:4]} are convolutions: vLLM serves LoRA on linear layers")
+  adaloras = [p for p, leaf in loras.items() if leaf.e is not None]
+  if adaloras:
+    problems.append(
+      f"{adaloras[:4]} are AdaLoRA (peft_type ADALORA): vLLM serves LoRA; serve the merged "
+      "weights (lorax_fn.merge) instead"
+    )
+  doras = [p for p, leaf in loras.items() if leaf.dora]
+  if doras:
+    problems.append(
+      f"{doras[:4]} are DoRA (use_dora): vLLM serves plain LoRA only; serve the merged "
+      "weights (lorax_fn.merge) instead"
+    )
   return problems
 
 
@@ -564,10 +619,10 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _check_config(config: dict, where: str) -> None:
-  if config.get("peft_type") != "LORA":
+  if config.get("peft_type") not in ("LORA", "ADALORA"):
     raise ValueError(
       f"{where}: peft_type {config.get('peft_type')!r} is not supported; lorax_fn reads LoRA "
-      "adapters (peft_type 'LORA')"
+      "and AdaLoRA adapters (peft_type 'LORA', 'ADALORA')"
     )
   for option, plain in _UNSUPPORTED.items():
     value = config.get(option, plain)
@@ -577,11 +632,11 @@ def _check_config(config: dict, where: str) -> None:
         f"only {option}={plain!r} adapters load"
       )
   init = config.get("init_lora_weights", True)
-  if init not in _PLAIN_INITS:
+  if init not in _PLAIN_INITS + _init.REDERIVED:
     raise ValueError(
-      f"{where}: init_lora_weights={init!r} adapters are relative to a modified base; convert "
-      "it to plain LoRA with PEFT first (save_pretrained(..., "
-      "path_initial_model_for_weight_conversion=...))"
+      f"{where}: init_lora_weights={init!r} adapters are relative to a modified base that "
+      f"lorax_fn cannot re-derive (it can for {_init.REDERIVED}); convert it to plain LoRA "
+      "with PEFT first (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
     )
   for field in ("r", "lora_alpha"):
     value = config.get(field)
@@ -678,7 +733,11 @@ def load_peft(
   a plain kernel is wrapped (its layout from ``layouts`` or :func:`default_layout`); a wrapped
   one must have the adapter's rank and alpha. ``modules_to_save`` (e.g. a classifier head)
   and trained biases replace the leaves they name. The model then computes what PEFT's
-  computes on the matching PyTorch model.
+  computes on the matching PyTorch model. An AdaLoRA adapter (``peft_type "ADALORA"``) gives
+  AdaLoRA leaves of rank ``init_r``, its pruned triplets zero. An adapter saved unconverted
+  after a PiSSA or OLoRA init (``init_lora_weights`` ``"pissa"`` / ``"olora"``) is relative
+  to the residual of the original kernel: as PEFT does, the init runs again on the
+  (original, float) kernels given, and their residual becomes the base.
 
   Args:
     path: the PEFT directory.
@@ -711,6 +770,8 @@ def load_peft(
   config, tensors = _read(path)
   _check_config(config, where)
   kernels, leaves, ambiguous = _load_sites(params, modules, layouts)
+  shapes = {p: tuple((x.w if is_lora(x) else x).shape) for p, x in _flat(params)}
+  config, tensors, singular = _adalora.from_peft(config, tensors, kernels, shapes, where)
   factors: dict[str, dict[int, dict[str, tuple]]] = collections.defaultdict(dict)
   extras: dict[str, dict[int, tuple]] = collections.defaultdict(dict)
   sites: dict[str, _Site] = {}
@@ -718,10 +779,8 @@ def load_peft(
   for key, value in tensors.items():
     name = key.removeprefix(PREFIX)
     m = _FACTOR_KEY.fullmatch(name)
-    if "lora_magnitude_vector" in name:
-      raise ValueError(f"{where}: {key!r} is a DoRA magnitude; DoRA adapters are not supported")
     if m:
-      module, which = (m["m"], m["f"]) if m["m"] else (m["e"], m["g"])
+      module, which = (m["m"], m["f"]) if m["m"] else (m["e"], m["g"]) if m["e"] else (m["d"], "M")
       if module in ambiguous:
         raise ValueError(f"{where} targets {module!r}, but {ambiguous[module]}")
       if module not in kernels:
@@ -755,6 +814,8 @@ def load_peft(
   out = dict(_flat(params))
   for target, layers in factors.items():
     out[target] = _lora_leaf(where, config, sites[target], out[target], layers)
+    if singular is not None:  # AdaLoRA: the leaf's Λ, per layer
+      out[target] = _adalora.with_singular(out[target], sites[target], layers, singular, where)
   for target, layers in extras.items():
     out[target] = _extra_leaf(where, sites[target], out[target], layers)
   missing = [p for p, x in _flat(params) if is_lora(x) and p not in factors]
@@ -784,9 +845,19 @@ def _lora_leaf(where: str, config: dict, site: _Site, leaf: Any, layers: dict) -
   inner_shape = shape[1:] if site.stacked else shape
   inner_roles = tuple(r for r in site.roles if r != "stack")
   names = [layers[i][f][2] for i in layers for f in layers[i]]
+  dora = bool(config.get("use_dora", False))
   for i in layers:
-    if set(layers[i]) != {"A", "B"}:
-      raise ValueError(f"{where} has only lora_{''.join(layers[i])} for {names[0]!r}")
+    if not {"A", "B"} <= set(layers[i]):
+      found = "lora_" + "".join(f for f in "AB" if f in layers[i]) if set(layers[i]) - {"M"} else ""
+      raise ValueError(
+        f"{where} has only {found or _MAGNITUDE} for {layers[i][next(iter(layers[i]))][2]!r}"
+      )
+    if dora != ("M" in layers[i]):
+      module = layers[i]["A"][2]
+      raise ValueError(
+        f"{where} has use_dora={dora} but {'no' if dora else 'a'} {_MAGNITUDE} for {module!r}"
+        + (" (a DoRA adapter needs one per adapted module)" if dora else "")
+      )
   ranks = {_pattern_value(config.get("rank_pattern"), n, config["r"]) for n in names}
   alphas = {_pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"]) for n in names}
   if len(ranks) > 1 or len(alphas) > 1:
@@ -797,10 +868,15 @@ def _lora_leaf(where: str, config: dict, site: _Site, leaf: Any, layers: dict) -
   rank, alpha = int(ranks.pop()), float(alphas.pop())
   a_shape, b_shape = factor_shapes(inner_shape, inner_roles, rank)
   want = _torch_layout.factor_shapes_torch(a_shape, b_shape, site.kind)
-  a_list, b_list = [], []
+  m_shape = magnitude_shape(inner_shape, inner_roles)
+  want_m = _magnitude_shape(site, math.prod(m_shape))
+  a_list, b_list, m_list = [], [], []
   for i in _complete(where, site, layers):
     (ka, ta, _), (kb, tb, _) = layers[i]["A"], layers[i]["B"]
-    for k, t, w in ((ka, ta, want[0]), (kb, tb, want[1])):
+    checks = [(ka, ta, want[0]), (kb, tb, want[1])]
+    if dora:
+      checks.append((layers[i]["M"][0], layers[i]["M"][1], want_m))
+    for k, t, w in checks:
       if tuple(t.shape) != tuple(w):
         raise ValueError(
           f"{where}: {k!r} has shape {tuple(t.shape)}; the {site.kind} at {site.path!r} "
@@ -809,18 +885,32 @@ def _lora_leaf(where: str, config: dict, site: _Site, leaf: Any, layers: dict) -
     a, b = _torch_layout.factors_from_torch(ta, tb, a_shape, b_shape, site.kind)
     a_list.append(a)
     b_list.append(b)
+    if dora:
+      m_list.append(layers[i]["M"][1].reshape(m_shape))
   a = np.stack(a_list) if site.stacked else a_list[0]
   b = np.stack(b_list) if site.stacked else b_list[0]
+  m = (np.stack(m_list) if site.stacked else m_list[0]) if dora else None
   rslora = bool(config.get("use_rslora", False))
   dropout = float(config.get("lora_dropout") or 0.0)
-  if is_lora(leaf) and (leaf.rank, leaf.alpha, leaf.rslora) != (rank, alpha, rslora):
+  if is_lora(leaf) and (leaf.rank, leaf.alpha, leaf.rslora, leaf.dora) != (
+    rank,
+    alpha,
+    rslora,
+    dora,
+  ):
     raise ValueError(
       f"{where}: {site.path!r} is wrapped with rank {leaf.rank}, alpha {leaf.alpha:g}, rslora "
-      f"{leaf.rslora}; the adapter has rank {rank}, alpha {alpha:g}, rslora {rslora}"
+      f"{leaf.rslora}, dora {leaf.dora}; the adapter has rank {rank}, alpha {alpha:g}, rslora "
+      f"{rslora}, dora {dora}"
     )
+  init = config.get("init_lora_weights", True)
+  if init in _init.REDERIVED:
+    scale = alpha / (math.sqrt(rank) if rslora else rank)
+    base = _init.peft_base(where, site.path, leaf, site.roles, rank, scale, init)
   dtype = jnp.float32 if jnp.finfo(base.dtype).bits < 32 else base.dtype
   a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-  return LoraLeaf(base, a, b, tuple(site.roles), rank, alpha, rslora, dropout)
+  m = None if m is None else jnp.asarray(m, dtype)
+  return LoraLeaf(base, a, b, tuple(site.roles), rank, alpha, rslora, dropout, m)
 
 
 def _extra_leaf(where: str, site: _Site, leaf: Any, layers: dict) -> jax.Array:

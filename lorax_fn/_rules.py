@@ -2,7 +2,9 @@
 
 A :class:`LoraVal` is the interpreter's view of a LoRA kernel after any casts, transposes,
 reshapes or slices: the (stop-gradient) base ``w`` and the factors ``a`` and ``b``, each
-factor axis labelled with the view axis it stands for (``None`` for the rank axis).
+factor axis labelled with the view axis it stands for (``None`` for the rank axis), and for
+DoRA the column scale ``g = m / ‖W + s·BA‖`` (the norm detached), labelled likewise: the
+value is ``(w + s·BA) ⊙ g``, and a rule multiplies its output by ``g``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lorax_fn import _jaxpr
+from lorax_fn import _adalora, _dora, _jaxpr
 from lorax_fn._leaves import LoraLeaf, factor_axes, merge_dense
 
 Labels = tuple[Any, ...]
@@ -159,7 +161,10 @@ def dense(w: Any) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class LoraVal:
-  """A LoRA kernel inside the interpreter: ``w + scale * einsum(a, b)`` over its labels."""
+  """A LoRA kernel inside the interpreter: ``w + scale * einsum(a, b)`` over its labels.
+
+  With DoRA, times ``g`` (``m / ‖W + s·BA‖``) over the view axes ``g_axes``.
+  """
 
   w: jax.Array
   a: jax.Array
@@ -168,12 +173,19 @@ class LoraVal:
   b_axes: tuple[int | None, ...]
   scale: float
   dropout: float
+  g: jax.Array | None = None
+  g_axes: tuple[int, ...] = ()
 
   @classmethod
   def from_leaf(cls, leaf: LoraLeaf) -> LoraVal:
     a_axes, b_axes = factor_axes(leaf.roles)
     w = LazyBase(leaf.w) if leaf.is_quantized else lax.stop_gradient(leaf.w)
-    return cls(w, leaf.a, leaf.b, a_axes, b_axes, leaf.scale, leaf.dropout)
+    if leaf.e is not None:  # AdaLoRA: B·(Λ ⊙ A), a plain low-rank term
+      return cls(w, _adalora.effective_a(leaf), leaf.b, a_axes, b_axes, leaf.scale, leaf.dropout)
+    if leaf.m is None:
+      return cls(w, leaf.a, leaf.b, a_axes, b_axes, leaf.scale, leaf.dropout)
+    g, g_axes = _dora.column_scale(leaf), _dora.magnitude_axes(leaf.roles)
+    return cls(w, leaf.a, leaf.b, a_axes, b_axes, leaf.scale, leaf.dropout, g, g_axes)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -184,7 +196,12 @@ class LoraVal:
     return self.w.ndim
 
   def materialize(self) -> jax.Array:
-    return merge_dense(dense(self.w), self.a, self.a_axes, self.b, self.b_axes, self.scale)
+    w = dense(self.w)
+    if self.g is None:
+      return merge_dense(w, self.a, self.a_axes, self.b, self.b_axes, self.scale)
+    compute = jnp.promote_types(jnp.promote_types(w.dtype, self.a.dtype), self.g.dtype)
+    merged = merge_dense(w, self.a, self.a_axes, self.b, self.b_axes, self.scale, compute)
+    return (merged * place(self.g, self.g_axes, range(self.ndim))).astype(w.dtype)
 
   def labels(self) -> tuple[Labels, Labels]:
     """Factor labels with the rank axis as the label ``"r"``."""
@@ -195,8 +212,36 @@ class LoraVal:
 
 
 jax.tree_util.register_dataclass(
-  LoraVal, data_fields=["w", "a", "b"], meta_fields=["a_axes", "b_axes", "scale", "dropout"]
+  LoraVal,
+  data_fields=["w", "a", "b", "g"],
+  meta_fields=["a_axes", "b_axes", "scale", "dropout", "g_axes"],
 )
+
+
+def place(g: jax.Array, g_lab: Sequence[Any], out_lab: Sequence[Any]) -> jax.Array:
+  """``g`` (labelled ``g_lab``) transposed and reshaped to broadcast against ``out_lab``."""
+  out_lab = list(out_lab)
+  order = [l for l in out_lab if l in g_lab]
+  g = _transpose(g, g_lab, order)
+  return g.reshape([g.shape[order.index(l)] if l in order else 1 for l in out_lab])
+
+
+def dora_output(
+  base: jax.Array, lowrank: jax.Array, g: jax.Array, base_dropped: jax.Array | None = None
+) -> jax.Array:
+  """DoRA's output ``g ⊙ (W·x + s·B·A·x)``, as PEFT computes it.
+
+  With dropout (``base_dropped`` is ``W·dropout(x)``), PEFT's
+  ``W·x + (g - 1) ⊙ W·dropout(x) + g ⊙ s·B·A·dropout(x)``. Summed in float32 (or wider).
+  """
+  compute = jnp.promote_types(base.dtype, g.dtype)
+  g = g.astype(compute)
+  if base_dropped is None:
+    out = g * (base.astype(compute) + lowrank.astype(compute))
+  else:
+    extra = (g - 1) * base_dropped.astype(compute) + g * lowrank.astype(compute)
+    out = base.astype(compute) + extra
+  return out.astype(base.dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -276,7 +321,11 @@ def view_transpose(eqn: Any, v: LoraVal) -> LoraVal:
   new_of_old = {old: new for new, old in enumerate(perm)}
   relabel = lambda axes: tuple(None if i is None else new_of_old[i] for i in axes)
   return dataclasses.replace(
-    v, w=_view(eqn, v.w), a_axes=relabel(v.a_axes), b_axes=relabel(v.b_axes)
+    v,
+    w=_view(eqn, v.w),
+    a_axes=relabel(v.a_axes),
+    b_axes=relabel(v.b_axes),
+    g_axes=tuple(new_of_old[i] for i in v.g_axes),
   )
 
 
@@ -339,7 +388,10 @@ def _reshape_view(v: LoraVal, new_shape: Sequence[int], w: jax.Array) -> LoraVal
   for gi, gj in groups:
     if not gi:  # a new size-1 axis: let the output factor carry it
       b, b_axes = b[..., None], b_axes + (gj[0],)
-  return dataclasses.replace(v, w=w, a=a, b=b, a_axes=a_axes, b_axes=b_axes)
+  g, g_axes = v.g, v.g_axes
+  if g is not None:
+    g, g_axes = _reshape_factor(g, g_axes, groups, new_shape)
+  return dataclasses.replace(v, w=w, a=a, b=b, a_axes=a_axes, b_axes=b_axes, g=g, g_axes=g_axes)
 
 
 def view_reshape(eqn: Any, v: LoraVal) -> LoraVal:
@@ -377,26 +429,28 @@ def view_slice(eqn: Any, v: LoraVal) -> LoraVal:
     eqn.params["limit_indices"],
     eqn.params["strides"],
   )
-  a, b = v.a, v.b
+  a, b, g = v.a, v.b, v.g
   for ax in range(v.ndim):
     if start[ax] == 0 and limit[ax] == v.shape[ax] and (strides is None or strides[ax] == 1):
       continue
     step = 1 if strides is None else strides[ax]
     cut = lambda f, i, ax=ax, step=step: lax.slice_in_dim(f, start[ax], limit[ax], step, i)
     a, b = _slice_factor(a, v.a_axes, ax, cut), _slice_factor(b, v.b_axes, ax, cut)
-  return dataclasses.replace(v, w=_view(eqn, v.w), a=a, b=b)
+    g = None if g is None else _slice_factor(g, v.g_axes, ax, cut)
+  return dataclasses.replace(v, w=_view(eqn, v.w), a=a, b=b, g=g)
 
 
 def view_dynamic_slice(eqn: Any, v: LoraVal, *starts: Any) -> LoraVal:
   sizes = eqn.params["slice_sizes"]
-  a, b = v.a, v.b
+  a, b, g = v.a, v.b, v.g
   for ax in range(v.ndim):
     if sizes[ax] == v.shape[ax]:
       continue
     cut = lambda f, i, ax=ax: lax.dynamic_slice_in_dim(f, starts[ax], sizes[ax], i)
     a, b = _slice_factor(a, v.a_axes, ax, cut), _slice_factor(b, v.b_axes, ax, cut)
+    g = None if g is None else _slice_factor(g, v.g_axes, ax, cut)
   w = dense(v.w)  # traced start indices: decode here rather than inside a view closure
-  return dataclasses.replace(v, w=_jaxpr.rebind(eqn, w, *starts), a=a, b=b)
+  return dataclasses.replace(v, w=_jaxpr.rebind(eqn, w, *starts), a=a, b=b, g=g)
 
 
 VIEW_RULES: dict[str, Callable[..., LoraVal]] = {
@@ -449,7 +503,7 @@ def first_step_plan(eqn: Any, lhs: Any, rhs: Any) -> FirstStep | None:
   v, x = (lhs, rhs) if w_is_lhs else (rhs, lhs)
   wc, xc, wb = (lc, rc, lb) if w_is_lhs else (rc, lc, rb)
   a_lab, b_lab = v.labels()
-  if wb or set(a_lab) != set(wc) | {"r"} or set(wc) & set(b_lab):
+  if wb or set(a_lab) != set(wc) | {"r"} or set(wc) & set(b_lab) or set(wc) & set(v.g_axes):
     return None
   a2 = arrange(v.a, a_lab, ["r", *wc]).reshape(v.a.shape[a_lab.index("r")], -1)
   return FirstStep(
@@ -487,14 +541,16 @@ def dot_general_rule(
   first_a = contracted <= set(a_lab)
   if not first_a and not contracted <= set(b_lab):
     raise NoRule  # contracts "in" and "out" axes together
-  if w_is_lhs:
-    base = base_call(v.w, lambda w, x: _bind(eqn, w, x), x)
-  else:
-    base = None
-    if isinstance(v.w, LazyBase):
-      base = chunked_dot(eqn, x, v.w, wc, xc, wb)
-    if base is None:
-      base = base_call(v.w, lambda w, x: _bind(eqn, x, w), x)
+  if contracted & set(v.g_axes):
+    raise NoRule  # DoRA's scale on a contracted axis (W used transposed): materialise
+
+  def base_of(x: jax.Array) -> jax.Array:
+    if w_is_lhs:
+      return base_call(v.w, lambda w, x: _bind(eqn, w, x), x)
+    out = chunked_dot(eqn, x, v.w, wc, xc, wb) if isinstance(v.w, LazyBase) else None
+    return base_call(v.w, lambda w, x: _bind(eqn, x, w), x) if out is None else out
+
+  base = base_of(x)
   # Label x's axes: contracted and batch axes take the kernel's labels.
   partner = dict(zip(xc, wc, strict=True)) | dict(zip(xb, wb, strict=True))
   x_lab = tuple(partner.get(i, ("x", i)) for i in range(x.ndim))
@@ -504,14 +560,21 @@ def dot_general_rule(
   f1, l1, f2, l2 = (v.a, a_lab, v.b, b_lab) if first_a else (v.b, b_lab, v.a, a_lab)
   dtype = _compute_dtype(x, v)
   precision = eqn.params.get("precision")
+  xd = x
   if first is not None:
     t, t_lab = first
   else:
-    xd = dropout(x, v.dropout).astype(dtype)
-    t, t_lab = contract(xd, x_lab, f1.astype(dtype), l1, set(out_lab) | set(l2), precision)
+    xd = dropout(x, v.dropout)
+    t, t_lab = contract(
+      xd.astype(dtype), x_lab, f1.astype(dtype), l1, set(out_lab) | set(l2), precision
+    )
   t = t if v.scale == 1.0 else t * jnp.asarray(v.scale, t.dtype)
   y, y_lab = contract(t, t_lab, f2.astype(dtype), l2, set(out_lab), precision)
-  return base + arrange(y, y_lab, out_lab).astype(base.dtype)
+  y = arrange(y, y_lab, out_lab)
+  if v.g is None:
+    return base + y.astype(base.dtype)
+  g = place(v.g, v.g_axes, out_lab)
+  return dora_output(base, y, g, None if xd is x else base_of(xd))
 
 
 def conv_rule(eqn: Any, lhs: Any, rhs: Any, dropout: Dropout) -> jax.Array:
@@ -527,17 +590,25 @@ def conv_rule(eqn: Any, lhs: Any, rhs: Any, dropout: Dropout) -> jax.Array:
   a_lab, b_lab = v.labels()
   if set(b_lab) != {"r", out_feat} or set(a_lab) != set(range(v.ndim)) - {out_feat} | {"r"}:
     raise NoRule
-  base = base_call(v.w, lambda w, x: _bind(eqn, x, w), x)
+  if v.g is not None and tuple(v.g_axes) != (out_feat,):
+    raise NoRule
+  base_of = lambda x: base_call(v.w, lambda w, x: _bind(eqn, x, w), x)
+  base = base_of(x)
   dtype = _compute_dtype(x, v)
   order = ["r" if i == out_feat else i for i in range(v.ndim)]
   a_kernel = arrange(v.a.astype(dtype), a_lab, order)
-  t = _jaxpr.rebind(eqn, dropout(x, v.dropout).astype(dtype), a_kernel, preferred_element_type=None)
+  xd = dropout(x, v.dropout)
+  t = _jaxpr.rebind(eqn, xd.astype(dtype), a_kernel, preferred_element_type=None)
   t = t if v.scale == 1.0 else t * jnp.asarray(v.scale, t.dtype)
   feat = dn.out_spec[1]
   t_lab = tuple("r" if i == feat else ("t", i) for i in range(t.ndim))
   out_lab = tuple(out_feat if i == feat else ("t", i) for i in range(t.ndim))
   y, y_lab = contract(t, t_lab, v.b.astype(dtype), b_lab, set(out_lab), p.get("precision"))
-  return base + arrange(y, y_lab, out_lab).astype(base.dtype)
+  y = arrange(y, y_lab, out_lab)
+  if v.g is None:
+    return base + y.astype(base.dtype)
+  g = place(v.g, v.g_axes, out_lab)
+  return dora_output(base, y, g, None if xd is x else base_of(xd))
 
 
 def gather_rule(eqn: Any, operand: Any, indices: Any, dropout: Dropout) -> jax.Array:
@@ -554,6 +625,7 @@ def gather_rule(eqn: Any, operand: Any, indices: Any, dropout: Dropout) -> jax.A
     or len(outs) != 1
     or set(a_lab) - {"r"} != set(dn.collapsed_slice_dims)
     or p["slice_sizes"][outs[0]] != v.shape[outs[0]]
+    or (v.g is not None and tuple(v.g_axes) != (outs[0],))
   ):
     raise NoRule
   out_ax = outs[0]
@@ -569,7 +641,10 @@ def gather_rule(eqn: Any, operand: Any, indices: Any, dropout: Dropout) -> jax.A
   out_lab = tuple(out_ax if i == off else ("g", i) for i in range(rows.ndim))
   rows = rows if v.scale == 1.0 else rows * jnp.asarray(v.scale, rows.dtype)
   y, y_lab = contract(rows, r_lab, v.b.astype(rows.dtype), b_lab, set(out_lab))
-  return base + arrange(y, y_lab, out_lab).astype(base.dtype)
+  y = arrange(y, y_lab, out_lab)
+  if v.g is None:
+    return base + y.astype(base.dtype)
+  return dora_output(base, y, place(v.g, v.g_axes, out_lab))
 
 
 COMPUTE_RULES: dict[str, Callable[..., jax.Array]] = {

@@ -227,7 +227,7 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 
 def _lora_specs(leaf: Any, spec: PartitionSpec) -> Any:
-  """Specs for ``w``, ``a`` and ``b`` (``None`` where ``split`` left the field empty).
+  """Specs for ``w``, ``a``, ``b`` and DoRA's ``m`` (``None`` where the field is empty).
 
   A stack's factors have a leading adapter axis (replicated), its scales, ranks and strengths too.
   """
@@ -236,7 +236,10 @@ def _lora_specs(leaf: Any, spec: PartitionSpec) -> Any:
   lead = (None,) if is_stack(leaf) else ()
   a = P(*lead, *(None if i is None else entries[i] for i in a_axes))
   b = P(*lead, *(None if i is None else entries[i] for i in b_axes))
-  fields = {"w": spec, "a": a, "b": b, "scales": P(), "ranks": P(), "strengths": P()}
+  m = P(*(e for e, r in zip(entries, leaf.roles, strict=True) if r != "in"))  # DoRA's
+  e = P(*a[: len(a) - leaf.roles.count("in")])  # AdaLoRA's: stack + (rank,)
+  fields = {"w": spec, "a": a, "b": b, "m": m, "e": e}
+  fields.update(scales=P(), ranks=P(), strengths=P())
   return dataclasses.replace(
     leaf, **{f: None if getattr(leaf, f) is None else fields[f] for f in data_fields(leaf)}
   )

@@ -127,6 +127,8 @@ def stack_adapters(adapters: Sequence[Any], *, rank: int | None = None) -> Any:
 def _check_column(path: str, column: list[Any], what: str = "stack_adapters stacks") -> None:
   """All of ``column`` (one path of each adapter) must share base, layout, dropout, extras."""
   leaf = column[0]
+  for k, x in enumerate(column):
+    _refuse_dora(path, x, f"adapters[{k}]", what)
   for k, other in enumerate(column[1:], 1):
     if is_lora(leaf) != is_lora(other):
       raise ValueError(
@@ -150,6 +152,20 @@ def _check_column(path: str, column: list[Any], what: str = "stack_adapters stac
         f"adapters[{k}] differs from adapters[0] at {path!r}, which is not a LoRA leaf; "
         f"{what} LoRA factors over one shared base (a trained head is not a LoRA factor)"
       )
+
+
+def _refuse_dora(path: str, leaf: Any, name: str, what: str) -> None:
+  if is_lora(leaf) and leaf.dora:
+    raise ValueError(
+      f"{name} has a DoRA leaf at {path!r} (wrap(..., dora=True)); {what} plain LoRA factors "
+      "only: a DoRA magnitude rescales the whole kernel, not a low-rank term (merge it instead: "
+      "lorax_fn.merge)"
+    )
+  if is_lora(leaf) and leaf.e is not None:
+    raise ValueError(
+      f"{name} has an AdaLoRA leaf at {path!r} (wrap(..., adalora=True)); {what} plain LoRA "
+      "factors only (merge it instead: lorax_fn.merge)"
+    )
 
 
 def _stack(column: list[LoraLeaf], rank: int) -> LoraStack:
@@ -220,6 +236,7 @@ def set_adapter(stacked: Any, slot: int, adapter: Any) -> Any:
       continue
     if not is_lora(leaf):
       raise ValueError(f"adapter has no LoRA leaf at {path!r}, where the stack has one")
+    _refuse_dora(path, leaf, "adapter", "a stack's slots hold")
     if leaf.roles != s.roles:
       raise ValueError(f"adapter has layout {leaf.roles} at {path!r}; the stack has {s.roles}")
     if not _same_array(leaf.w, s.w):

@@ -73,7 +73,7 @@ def summary(params: Any, *, trainable: _paths.Targets | None = None, bias: str =
           "(" + ", ".join(x.roles) + ")",
           str(x.rank),
           f"{x.alpha:g}" if x.alpha != int(x.alpha) else f"{x.alpha:.1f}",
-          f"{_size(x.a) + _size(x.b):,}",
+          f"{_size(x.a) + _size(x.b) + _size(x.m) + _size(x.e):,}",
         )
       )
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

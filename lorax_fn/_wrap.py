@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_fn import _paths, _validate
+from lorax_fn import _adalora, _dora, _init, _paths, _validate
 from lorax_fn._leaves import ROLES, Layout, LoraLeaf, factor_shapes, is_adapter, is_lora, is_stack
 from lorax_fn._quant import is_quant
 
-_INITS = ("kaiming", "gaussian")
 _ATTN_IN = ("query", "key", "value")  # Flax MultiHeadDotProductAttention: (in, heads, head_dim)
 _ATTN_OUT = ("out",)  # (heads, head_dim, out)
 
@@ -121,9 +120,13 @@ def wrap(
   key: jax.Array,
   alpha: float | None = None,
   init: str = "kaiming",
+  loftq_iter: int | None = None,
+  loftq_quant: Mapping[str, Any] | None = None,
   dtype: Any = None,
   rslora: bool = False,
   dropout: float = 0.0,
+  dora: bool = False,
+  adalora: bool = False,
   rank_pattern: Mapping[str, int] | None = None,
   alpha_pattern: Mapping[str, float] | None = None,
   layouts: Mapping[str, Sequence[str]] | None = None,
@@ -141,10 +144,29 @@ def wrap(
     key: PRNG key; each targeted leaf gets its own subkey.
     alpha: LoRA alpha; ``None`` means ``alpha = rank`` (each leaf's own rank, so scale 1).
     init: ``"kaiming"`` (PEFT's default: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-      B = 0) or ``"gaussian"`` (A ~ N(0, 1/r²)). Embeddings use A = 0, B ~ N(0, 1).
+      B = 0) or ``"gaussian"`` (A ~ N(0, 1/r²)); embeddings then use A = 0, B ~ N(0, 1).
+      Inits that change the base as PEFT's do (the leaf's ``w`` is no longer the kernel
+      given, and :func:`unwrap` returns it): ``"pissa"`` (B, A from the top-``r`` singular
+      triplets of W, ``w = W - s·BA``), ``"pissa_niter_K"`` (the same by randomized SVD
+      with ``K`` subspace iterations, drawn from the leaf's key), ``"olora"`` (B, A from
+      ``W = QR``, ``w = W - s·BA``) and ``"loftq"`` (``w`` an NF4 :class:`QuantLeaf` and
+      ``s·BA`` the rank-``r`` fit of its error). Each works on the ``(out, in)`` matrix of
+      every stacked layer, PyTorch's weight. See :func:`lorax_fn.save_peft` ``initial=``
+      for the export against the original base.
+    loftq_iter: LoftQ's alternating quantise / SVD rounds (default 1).
+    loftq_quant: ``{"block_size": 64, "double_quant": True, "torch_order": False}`` (the
+      defaults): the settings of :func:`lorax_fn.quantize` for LoftQ's NF4 base.
     dtype: dtype of A and B; default float32 for 16-bit bases, else the base dtype.
     rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
     dropout: dropout rate on the input of the low-rank path (see :func:`lora`).
+    dora: DoRA (weight-decomposed LoRA): each leaf also gets a trainable magnitude ``m``,
+      one per output unit (and stacked layer), initialised to the norms of ``W + s·BA``
+      over the ``"in"`` axes, and computes ``m / ‖W + s·BA‖ ⊙ (W·x + s·B·A·x)`` with the
+      norm detached from the gradient, as PEFT's ``use_dora=True``.
+    adalora: AdaLoRA's SVD form (PEFT's ``AdaLoraConfig``): each leaf gets singular values
+      ``e`` (Λ, zeros) beside ``a`` and ``b`` (``N(0, 0.02²)``), computes
+      ``W·x + alpha/(rank + 1e-5)·B·(Λ ⊙ A)·x``, and :func:`lorax_fn.adalora` prunes its
+      ranks from ``rank`` (PEFT's ``init_r``). Not with ``dora``, ``rslora`` or an ``init``.
     rank_pattern: ``{pattern: rank}``; the first key that matches a path wins (as in
       PEFT). Every key must match a targeted parameter.
     alpha_pattern: ``{pattern: alpha}``, likewise.
@@ -170,13 +192,18 @@ def wrap(
     >>> wrapped["dense"]["kernel"].a.shape, wrapped["dense"]["kernel"].b.shape
     ((2, 5), (2, 7))
   """
-  if init not in _INITS:
-    raise ValueError(f"init must be one of {_INITS}; got: {init!r}")
+  init = _init.check_init(init)
+  loftq = _init.loftq_options(init, loftq_iter, loftq_quant)
   dropout = _validate.rate("dropout", dropout)
   rank = _validate.positive_int("rank", rank)
   if alpha is not None:
     alpha = _validate.positive_number("alpha", alpha, " (or None: alpha = rank)")
   rslora = _validate.boolean("rslora", rslora)
+  dora = _validate.boolean("dora", dora)
+  adalora = _validate.boolean("adalora", adalora)
+  if adalora and (dora or rslora or init != "kaiming"):
+    got = "dora=True" if dora else "rslora=True" if rslora else f"init={init!r}"
+    raise ValueError(f"adalora=True has its own init and scale, and no DoRA (as PEFT's); got {got}")
   dtype = _validate.float_dtype("dtype of the factors", dtype)
   _validate.prng_key("key", key)
   if isinstance(kernel_names, str) or not all(isinstance(n, str) for n in kernel_names):
@@ -211,11 +238,15 @@ def wrap(
       rank=_or(rank_pattern.lookup(path), rank),
       alpha=_or(alpha_pattern.lookup(path), alpha),
       init=init,
+      loftq=loftq,
+      adalora=adalora,
       dtype=dtype,
       rslora=rslora,
       dropout=dropout,
       layout=layouts.lookup(path),
     )
+    if dora:
+      out[i] = _dora.with_magnitude(out[i])
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -231,6 +262,8 @@ def _wrap_leaf(
   rank: int,
   alpha: float | None,
   init: str,
+  loftq: tuple[int, Mapping[str, Any]],
+  adalora: bool,
   dtype: Any,
   rslora: bool,
   dropout: float,
@@ -256,9 +289,17 @@ def _wrap_leaf(
     )
   if dtype is None:
     dtype = jnp.float32 if jnp.finfo(leaf.dtype).bits < 32 else leaf.dtype
-  a, b = _init_factors(key, path, leaf, layout, int(rank), init, dtype)
   alpha = float(rank if alpha is None else alpha)
-  return LoraLeaf(leaf, a, b, layout, int(rank), alpha, bool(rslora), float(dropout))
+  e = None
+  if _init.changes_base(init):
+    scale = alpha / (math.sqrt(rank) if rslora else rank)
+    leaf, a, b = _init.init_base(key, path, leaf, layout, int(rank), scale, init, dtype, loftq)
+  elif adalora:
+    a_shape, b_shape = factor_shapes(leaf.shape, layout, int(rank))
+    a, b, e = _adalora.init_factors(key, a_shape, b_shape, layout.count("stack"), dtype)
+  else:
+    a, b = _init_factors(key, path, leaf, layout, int(rank), init, dtype)
+  return LoraLeaf(leaf, a, b, layout, int(rank), alpha, bool(rslora), float(dropout), e=e)
 
 
 def merge(params: Any, *, dtype: Any = None) -> Any:
@@ -309,6 +350,10 @@ def merge(params: Any, *, dtype: Any = None) -> Any:
 
 def unwrap(params: Any) -> Any:
   """Returns the base pytree: every LoRA leaf replaced by its frozen ``w``, bit-exact.
+
+  After ``wrap(..., init="pissa" | "olora" | "loftq")`` that is the base the model holds, as
+  PEFT's base layer holds it: the residual ``W - s·B₀A₀`` (or LoftQ's NF4 ``Q``), not the
+  kernel given to ``wrap``, which is ``merge`` of the freshly wrapped tree.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn

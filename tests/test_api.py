@@ -5,6 +5,7 @@ import lorax_fn
 
 def test_public_names():
   assert sorted(lorax_fn.__all__) == [
+    "AdaLoraState",
     "AdapterPool",
     "Layout",
     "LoraLeaf",
@@ -13,6 +14,8 @@ def test_public_names():
     "MaterializeWarning",
     "QuantLeaf",
     "ShardingWarning",
+    "adalora",
+    "adalora_ranks",
     "adapter_config",
     "batch_sharding",
     "check_adapter_config",
@@ -25,6 +28,7 @@ def test_public_names():
     "is_stack",
     "load_peft",
     "lora",
+    "loraplus",
     "make_mesh",
     "merge",
     "optimizer",

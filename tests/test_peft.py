@@ -300,21 +300,22 @@ LOAD_ERRORS = [
     {**LORA, "peft_type": "IA3"},
     FACTORS,
     ValueError,
-    r"peft_type 'IA3' is not supported; lorax_fn reads LoRA adapters",
+    r"peft_type 'IA3' is not supported; lorax_fn reads LoRA and AdaLoRA adapters",
   ),
   (
-    "dora",
+    "dora_without_magnitudes",
     {**LORA, "use_dora": True},
     FACTORS,
     ValueError,
-    r"use_dora=True is not supported \(it changes what the adapter computes\)",
+    r"use_dora=True but no lora_magnitude_vector for 'fc1' \(a DoRA adapter needs one",
   ),
   (
-    "pissa",
-    {**LORA, "init_lora_weights": "pissa"},
+    "corda",
+    {**LORA, "init_lora_weights": "corda"},
     FACTORS,
     ValueError,
-    r"init_lora_weights='pissa' adapters are relative to a modified base",
+    r"init_lora_weights='corda' adapters are relative to a modified base that lorax_fn cannot "
+    r"re-derive \(it can for \('pissa', 'olora'\)\)",
   ),
   (
     "unknown_module",

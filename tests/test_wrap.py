@@ -207,9 +207,10 @@ ERRORS = [
   ),
   (
     "unknown_init",
-    dict(targets=("mlp",), init="pissa"),
+    dict(targets=("mlp",), init="corda"),
     ValueError,
-    r"init must be one of \('kaiming', 'gaussian'\); got: 'pissa'",
+    r"init must be one of \('kaiming', 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora', "
+    r"'loftq'\); got: 'corda'",
   ),
   (
     "bad_dropout",
