@@ -30,41 +30,7 @@ import optax
 import lorax_fn as lora_fn
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_LLAMA3 = {
-  "architectures": ["LlamaForCausalLM"],
-  "model_type": "llama",
-  "vocab_size": 128256,
-  "rms_norm_eps": 1e-5,
-  "rope_theta": 500000.0,
-  "max_position_embeddings": 8192,
-  "tie_word_embeddings": False,
-  "rope_scaling": {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-  },
-}
-# The published config.json sizes of Meta-Llama-3-8B and Meta-Llama-3-70B.
-MODELS = {
-  "8b": {
-    **_LLAMA3,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-  },
-  "70b": {
-    **_LLAMA3,
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-  },
-}
+MODELS = dm.LLAMA3
 TARGET_GB = {"8b": 16, "70b": 48}
 
 

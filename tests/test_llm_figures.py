@@ -14,27 +14,7 @@ import jax.numpy as jnp
 import lorax_fn as lora_fn
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LLAMA3_8B = {
-  "architectures": ["LlamaForCausalLM"],
-  "model_type": "llama",
-  "vocab_size": 128256,
-  "hidden_size": 4096,
-  "intermediate_size": 14336,
-  "num_hidden_layers": 32,
-  "num_attention_heads": 32,
-  "num_key_value_heads": 8,
-  "rms_norm_eps": 1e-5,
-  "rope_theta": 500000.0,
-  "max_position_embeddings": 8192,
-  "tie_word_embeddings": False,
-  "rope_scaling": {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-  },
-}
+LLAMA3_8B = dm.LLAMA3["8b"]
 
 
 def _abstract(config, **options):

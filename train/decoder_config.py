@@ -216,3 +216,41 @@ def _rope_settings(config: Mapping[str, Any]) -> tuple[float, RopeScaling | None
   if original is None:
     raise ValueError("rope_type 'llama3' needs original_max_position_embeddings")
   return theta, RopeScaling(*(float(rope[k]) for k in _LLAMA3_KEYS), int(original))
+
+
+_LLAMA3 = {
+  "architectures": ["LlamaForCausalLM"],
+  "model_type": "llama",
+  "vocab_size": 128256,
+  "rms_norm_eps": 1e-5,
+  "rope_theta": 500000.0,
+  "max_position_embeddings": 8192,
+  "tie_word_embeddings": False,
+  "rope_scaling": {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+  },
+}
+# The published config.json of Meta-Llama-3-8B and -70B (shapes for planning and checks).
+# The published config.json sizes of Meta-Llama-3-8B and Meta-Llama-3-70B.
+LLAMA3 = {
+  "8b": {
+    **_LLAMA3,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+  },
+  "70b": {
+    **_LLAMA3,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+  },
+}

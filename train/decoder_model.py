@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from decoder_config import ARCHITECTURES, ROPE_TYPES, DecoderConfig, RopeScaling
+from decoder_config import ARCHITECTURES, LLAMA3, ROPE_TYPES, DecoderConfig, RopeScaling
 from decoder_names import (
   from_torch_state_dict,
   layouts,
@@ -44,6 +44,7 @@ __all__ = [
   "DecoderLayer",
   "RMSNorm",
   "RopeScaling",
+  "LLAMA3",
   "from_torch_state_dict",
   "generate",
   "init_cache",
