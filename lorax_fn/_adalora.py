@@ -34,6 +34,7 @@ EPS = 1e-5
 """PEFT divides by ``ranknum + 1e-5``: the scale is ``alpha / (r + 1e-5)``."""
 
 _FIELDS = ("a", "b", "e")
+_PEFT_KINDS = ("Linear", "Conv2d")  # PEFT's SVDLinear and SVDConv2d
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
@@ -424,6 +425,12 @@ def to_peft(
     )
   if config["use_rslora"]:
     raise ValueError(f"{where}: AdaLoRA leaves scale by alpha / r, not rsLoRA's")
+  others = [s.path for s in sites if s.kind not in _PEFT_KINDS]
+  if others:
+    raise ValueError(
+      f"{where}: the AdaLoRA leaves at {others[:4]} are not Linear or Conv2d layers; PEFT's "
+      "AdaLoRA adapts only those (wrap the others without adalora=True)"
+    )
   chosen = dict(SETTINGS)
   if settings is not None:
     unknown = set(settings) - set(SETTINGS) - {"init_r"}
@@ -481,7 +488,7 @@ def from_peft(
       out[key] = value
       continue
     site = kernels[module][0]
-    if site.kind not in ("Linear", "Conv2d"):
+    if site.kind not in _PEFT_KINDS:
       raise ValueError(f"{where}: {key!r}: PEFT's AdaLoRA adapts Linear and Conv2d layers")
     keep = np.asarray(pattern.get(f"{module}.lora_E", [True] * init_r), bool)
     if keep.shape != (init_r,) or value.shape[0 if which != "lora_B" else 1] != keep.sum():

@@ -363,3 +363,12 @@ def test_init_and_wrap_errors(tmp_path):
     lora_fn.save_peft(tmp_path / "x", plain, modules={"fc": "fc"}, adalora={"target_r": 2})
   with pytest.raises(ValueError, match=r"adalora must be a mapping with keys among"):
     lora_fn.save_peft(tmp_path / "x", _P, modules={"fc": "fc"}, adalora={"lr": 2})
+  embed = lora_fn.wrap(
+    {"embed": {"embedding": jnp.ones((11, 6))}}, rank=2, targets=("embed",), key=K(0), adalora=True
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"save_peft: the AdaLoRA leaves at \['embed/embedding'\] are not Linear or Conv2d "
+    r"layers; PEFT's AdaLoRA adapts only those",
+  ):
+    lora_fn.save_peft(tmp_path / "e", embed, modules={"embed": "embed"})
