@@ -115,9 +115,10 @@ def test_factors_and_residual_equal_peft(init, rslora):
     a_ref, b_ref, w_ref = _peft_state(pm, m)
     a, b = np.asarray(leaf.a), np.asarray(leaf.b).T  # ours: a (r, in), b (r, out)
     sign = _signs(a, a_ref)
-    np.testing.assert_allclose(a * sign[:, None], a_ref, atol=2e-6)
-    np.testing.assert_allclose(b * sign[None, :], b_ref, atol=2e-6)
-    np.testing.assert_allclose(np.asarray(leaf.w).T, w_ref, atol=2e-6)
+    # float32 SVDs (LAPACK's and torch's) of these 13x11 / 7x13 matrices agree to ~3e-6.
+    np.testing.assert_allclose(a * sign[:, None], a_ref, atol=1e-5)
+    np.testing.assert_allclose(b * sign[None, :], b_ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(leaf.w).T, w_ref, atol=1e-5)
   # The freshly wrapped model is the original one, and so is PEFT's.
   np.testing.assert_allclose(np.asarray(ours(params, X)), _theirs(_net()), atol=2e-6)
   np.testing.assert_allclose(_theirs(pm), _theirs(_net()), atol=2e-6)
