@@ -16,9 +16,12 @@ from lorax_fn._loraplus import loraplus
 from lorax_fn._mix import weighted_adapter
 from lorax_fn._optim import LoraOptState, optimizer
 from lorax_fn._partition import combine, split, trainable_mask
-from lorax_fn._peft import load_peft, save_peft, serving_problems
+from lorax_fn._peft import save_peft
+from lorax_fn._peft_load import load_peft
 from lorax_fn._pool import AdapterPool
-from lorax_fn._quant import QuantLeaf, is_quant, quantize, quantize_pieces
+from lorax_fn._quant import is_quant, quantize, quantize_pieces
+from lorax_fn._quant_leaf import QuantLeaf
+from lorax_fn._serving import serving_problems
 from lorax_fn._shard import (
   ShardingWarning,
   batch_sharding,

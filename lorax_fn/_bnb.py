@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_fn import _validate
-from lorax_fn._quant import DQ_BLOCK, NF4_CODE, QuantLeaf, dynamic_code
+from lorax_fn._quant_codes import DQ_BLOCK, NF4_CODE, dynamic_code
+from lorax_fn._quant_leaf import QuantLeaf
 
 _STATE = ".quant_state.bitsandbytes__"
 _PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lorax_fn._leaves import LoraLeaf, factor_axes
+from lorax_fn._quant_leaf import QuantSlice
 
 _HIGHEST = lax.Precision.HIGHEST  # the norms are cheap; keep them exact on TPU/GPU too
 
@@ -72,8 +73,6 @@ def weight_norm(leaf: LoraLeaf) -> jax.Array:
   if not leaf.is_quantized:
     return dense_norm(lax.stop_gradient(w), a, a_axes, b, b_axes, leaf.scale)
   if leaf.roles[0] == "stack" and w.sliceable():
-    from lorax_fn._quant import QuantSlice  # (an import cycle at module level)
-
     drop = lambda axes: tuple(None if i is None else i - 1 for i in axes[1:])
 
     def layer(args: Any) -> jax.Array:

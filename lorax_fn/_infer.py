@@ -10,7 +10,7 @@ import jax
 from lorax_fn import _jaxpr, _paths
 from lorax_fn._leaves import Layout, is_adapter
 from lorax_fn._quant import is_quant
-from lorax_fn._rules import _reshape_groups
+from lorax_fn._views import _reshape_groups
 
 # Each tracked value maps its axes to the parameter axes they stand for.
 AxisMap = tuple[tuple[int, ...], ...]

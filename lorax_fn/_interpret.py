@@ -2,10 +2,11 @@
 
 ``fn`` is traced once to a jaxpr with each LoRA leaf replaced by an abstract array of its
 base weight's shape; the jaxpr is then evaluated with the real leaves bound to those
-inputs as :class:`~lorax_fn._rules.LoraVal` values. Primitives that meet a LoRA value use
-a rule from :mod:`lorax_fn._rules`; higher-order primitives are rebuilt with
-``lax.scan``/``lax.switch``/``lax.while_loop``/``jax.checkpoint`` around an interpreted
-body; anything else materialises ``W + s·BA`` and warns once. Only public JAX API is used.
+inputs as :class:`~lorax_fn._values.LoraVal` values. Primitives that meet a LoRA value use
+a view rule (:mod:`lorax_fn._views`) or a compute rule (:mod:`lorax_fn._rules`);
+higher-order primitives are rebuilt with ``lax.scan``/``lax.switch``/``lax.while_loop``/
+``jax.checkpoint`` around an interpreted body; anything else materialises ``W + s·BA`` and
+warns once. Only public JAX API is used.
 """
 
 from __future__ import annotations
@@ -24,19 +25,12 @@ from jax import lax
 
 from lorax_fn import _jaxpr, _paths, _validate
 from lorax_fn._leaves import LoraLeaf, is_lora
-from lorax_fn._quant import QuantLeaf, QuantSlice, is_quant
-from lorax_fn._rules import (
-  COMPUTE_RULES,
-  VIEW_RULES,
-  LazyBase,
-  LoraVal,
-  NoRule,
-  dense,
-  dot_general_rule,
-  first_step_plan,
-  shared_first_steps,
-)
+from lorax_fn._quant import is_quant
+from lorax_fn._quant_leaf import QuantLeaf, QuantSlice
+from lorax_fn._rules import COMPUTE_RULES, dot_general_rule, first_step_plan, shared_first_steps
 from lorax_fn._stack import is_stack, run_per_example
+from lorax_fn._values import LazyBase, LoraVal, NoRule, dense
+from lorax_fn._views import VIEW_RULES
 
 
 class MaterializeWarning(UserWarning):

@@ -1,10 +1,11 @@
-"""How ``lora(fn)`` evaluates primitives that receive a LoRA value without forming ``W + s·BA``.
+"""Compute rules of ``lora(fn)``: primitives that consume a LoRA kernel, kept factored.
 
-A :class:`LoraVal` is the interpreter's view of a LoRA kernel after any casts, transposes,
-reshapes or slices: the (stop-gradient) base ``w`` and the factors ``a`` and ``b``, each
-factor axis labelled with the view axis it stands for (``None`` for the rank axis), and for
-DoRA the column scale ``g = m / ‖W + s·BA‖`` (the norm detached), labelled likewise: the
-value is ``(w + s·BA) ⊙ g``, and a rule multiplies its output by ``g``.
+``dot_general(x, W)`` becomes ``dot_general(x, w) + s·((x·A)·B)`` for any contracting and
+batch dimensions, ``conv_general_dilated`` a base conv plus a rank-``r`` conv and a 1×1 one,
+and an embedding ``gather`` base rows plus ``A`` rows times ``B``; DoRA's column scale
+multiplies the result. A quantised base is decoded inside a checkpoint with the matmul that
+uses it (in row chunks where the kernel allows). The values are :mod:`lorax_fn._values`'s;
+view rules (casts, transposes, reshapes, slices) are :mod:`lorax_fn._views`'s.
 """
 
 from __future__ import annotations
@@ -19,75 +20,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lorax_fn import _adalora, _dora, _jaxpr
-from lorax_fn._leaves import LoraLeaf, factor_axes, merge_dense
-
-Labels = tuple[Any, ...]
-
-
-class NoRule(Exception):
-  """Raised by a rule that cannot keep this use of a LoRA value factored.
-
-  The interpreter catches exactly this (never JAX's own errors) and materialises
-  ``W + s·BA`` for that one operation.
-  """
-
-
-class LazyBase:
-  """A quantised base seen through views, decoded only where a rule consumes it.
-
-  Compute rules decode it inside ``jax.checkpoint`` together with the matmul that uses it,
-  so the backward pass decodes again instead of keeping a full-precision copy of every
-  layer alive (the memory QLoRA is for).
-  """
-
-  def __init__(
-    self, q: Any, views: tuple[Callable[[jax.Array], jax.Array], ...] = (), elementwise=True
-  ):
-    # ``elementwise``: every view is a cast, so kernel axis 0 is still the stored axis 0.
-    self.q, self.views, self.elementwise = q, views, elementwise
-    self.aval = jax.eval_shape(self.decode, q)
-
-  @property
-  def row_axis(self) -> int:
-    """The kernel axis :meth:`decode_rows` slices (the stored rows: axis 0 unless transposed)."""
-    return getattr(self.q, "row_axis", 0)
-
-  def decode_rows(self, start: Any, rows: int) -> jax.Array:
-    w = lax.stop_gradient(self.q.decode_rows(start, rows).astype(self.q.dtype))
-    for view in self.views:
-      w = view(w)
-    return w
-
-  def decode(self, q: Any) -> jax.Array:
-    w = lax.stop_gradient(q.dequantize())
-    for view in self.views:
-      w = view(w)
-    return w
-
-  def then(self, view: Callable[[jax.Array], jax.Array], elementwise: bool) -> LazyBase:
-    return LazyBase(self.q, (*self.views, view), self.elementwise and elementwise)
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return tuple(self.aval.shape)
-
-  @property
-  def dtype(self) -> Any:
-    return self.aval.dtype
-
-  @property
-  def ndim(self) -> int:
-    return len(self.aval.shape)
-
-  def array(self) -> jax.Array:
-    return self.decode(self.q)
-
-
-jax.tree_util.register_pytree_node(
+from lorax_fn import _jaxpr
+from lorax_fn._values import (
+  Labels,
   LazyBase,
-  lambda b: ((b.q,), (b.views, b.elementwise)),
-  lambda aux, kids: LazyBase(kids[0], *aux),
+  LoraVal,
+  NoRule,
+  _transpose,
+  arrange,
+  base_call,
+  place,
 )
 
 # Decode a quantised kernel in chunks of about this many elements (1 MiB of float32) so that
@@ -142,88 +84,6 @@ def chunked_dot(
   _, ys = lax.scan(jax.checkpoint(part), None, jnp.arange(chunks))
   ys = jnp.moveaxis(ys, 0, pos)
   return ys.reshape(*ys.shape[:pos], chunks * rows, *ys.shape[pos + 2 :])
-
-
-def base_call(w: Any, fn: Callable[..., jax.Array], *args: Any) -> jax.Array:
-  """``fn(w, *args)``; a quantised base is decoded inside a checkpoint with the call."""
-  if not isinstance(w, LazyBase):
-    return fn(w, *args)
-  return jax.checkpoint(lambda q, *a: fn(w.decode(q), *a))(w.q, *args)
-
-
-def view_w(w: Any, view: Callable[[jax.Array], jax.Array], elementwise: bool = False) -> Any:
-  return w.then(view, elementwise) if isinstance(w, LazyBase) else view(w)
-
-
-def dense(w: Any) -> jax.Array:
-  return w.array() if isinstance(w, LazyBase) else w
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraVal:
-  """A LoRA kernel inside the interpreter: ``w + scale * einsum(a, b)`` over its labels.
-
-  With DoRA, times ``g`` (``m / ‖W + s·BA‖``) over the view axes ``g_axes``.
-  """
-
-  w: jax.Array
-  a: jax.Array
-  b: jax.Array
-  a_axes: tuple[int | None, ...]
-  b_axes: tuple[int | None, ...]
-  scale: float
-  dropout: float
-  g: jax.Array | None = None
-  g_axes: tuple[int, ...] = ()
-
-  @classmethod
-  def from_leaf(cls, leaf: LoraLeaf) -> LoraVal:
-    a_axes, b_axes = factor_axes(leaf.roles)
-    w = LazyBase(leaf.w) if leaf.is_quantized else lax.stop_gradient(leaf.w)
-    if leaf.e is not None:  # AdaLoRA: B·(Λ ⊙ A), a plain low-rank term
-      return cls(w, _adalora.effective_a(leaf), leaf.b, a_axes, b_axes, leaf.scale, leaf.dropout)
-    if leaf.m is None:
-      return cls(w, leaf.a, leaf.b, a_axes, b_axes, leaf.scale, leaf.dropout)
-    g, g_axes = _dora.column_scale(leaf), _dora.magnitude_axes(leaf.roles)
-    return cls(w, leaf.a, leaf.b, a_axes, b_axes, leaf.scale, leaf.dropout, g, g_axes)
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return tuple(self.w.shape)
-
-  @property
-  def ndim(self) -> int:
-    return self.w.ndim
-
-  def materialize(self) -> jax.Array:
-    w = dense(self.w)
-    if self.g is None:
-      return merge_dense(w, self.a, self.a_axes, self.b, self.b_axes, self.scale)
-    compute = jnp.promote_types(jnp.promote_types(w.dtype, self.a.dtype), self.g.dtype)
-    merged = merge_dense(w, self.a, self.a_axes, self.b, self.b_axes, self.scale, compute)
-    return (merged * place(self.g, self.g_axes, range(self.ndim))).astype(w.dtype)
-
-  def labels(self) -> tuple[Labels, Labels]:
-    """Factor labels with the rank axis as the label ``"r"``."""
-    return (
-      tuple("r" if i is None else i for i in self.a_axes),
-      tuple("r" if i is None else i for i in self.b_axes),
-    )
-
-
-jax.tree_util.register_dataclass(
-  LoraVal,
-  data_fields=["w", "a", "b", "g"],
-  meta_fields=["a_axes", "b_axes", "scale", "dropout", "g_axes"],
-)
-
-
-def place(g: jax.Array, g_lab: Sequence[Any], out_lab: Sequence[Any]) -> jax.Array:
-  """``g`` (labelled ``g_lab``) transposed and reshaped to broadcast against ``out_lab``."""
-  out_lab = list(out_lab)
-  order = [l for l in out_lab if l in g_lab]
-  g = _transpose(g, g_lab, order)
-  return g.reshape([g.shape[order.index(l)] if l in order else 1 for l in out_lab])
 
 
 def dora_output(
@@ -286,184 +146,8 @@ def _sum_unshared(x, xl, other, keep):
   return x.sum(axis=tuple(drop)), tuple(l for i, l in enumerate(xl) if i not in drop)
 
 
-def _transpose(x: jax.Array, xl: Sequence[Any], order: Sequence[Any]) -> jax.Array:
-  perm = [list(xl).index(l) for l in order]
-  return x if perm == list(range(x.ndim)) else jnp.transpose(x, perm)
-
-
-def arrange(x: jax.Array, xl: Sequence[Any], order: Sequence[Any]) -> jax.Array:
-  """Transposes labelled ``x`` into ``order``."""
-  return _transpose(x, xl, order)
-
-
-# ----------------------------------------------------------------------------------------
-# View rules: the result is again a LoraVal.
-# ----------------------------------------------------------------------------------------
-
-
 def _bind(eqn: Any, *args: Any) -> Any:
   return _jaxpr.rebind(eqn, *args)
-
-
-def _view(eqn: Any, w: Any) -> Any:
-  return view_w(w, lambda w: _bind(eqn, w), _jaxpr.name(eqn) == "convert_element_type")
-
-
-def view_convert(eqn: Any, v: LoraVal) -> LoraVal:
-  dtype = eqn.params["new_dtype"]
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise NoRule
-  return dataclasses.replace(v, w=_view(eqn, v.w), a=v.a.astype(dtype), b=v.b.astype(dtype))
-
-
-def view_transpose(eqn: Any, v: LoraVal) -> LoraVal:
-  perm = eqn.params["permutation"]
-  new_of_old = {old: new for new, old in enumerate(perm)}
-  relabel = lambda axes: tuple(None if i is None else new_of_old[i] for i in axes)
-  return dataclasses.replace(
-    v,
-    w=_view(eqn, v.w),
-    a_axes=relabel(v.a_axes),
-    b_axes=relabel(v.b_axes),
-    g_axes=tuple(new_of_old[i] for i in v.g_axes),
-  )
-
-
-def view_identity(eqn: Any, v: LoraVal) -> LoraVal:
-  return dataclasses.replace(v, w=_view(eqn, v.w))
-
-
-def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-  """Pairs runs of old and new axes with equal sizes; size-1 axes form their own groups."""
-  groups, i, j = [], 0, 0
-  while i < len(old) or j < len(new):
-    if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
-      groups.append(([i], []))
-      i += 1
-      continue
-    if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
-      groups.append(([], [j]))
-      j += 1
-      continue
-    gi, gj, pi, pj = [i], [j], old[i], new[j]
-    i, j = i + 1, j + 1
-    while pi != pj:
-      if pi < pj:
-        gi.append(i)
-        pi *= old[i]
-        i += 1
-      else:
-        gj.append(j)
-        pj *= new[j]
-        j += 1
-    groups.append((gi, gj))
-  return groups
-
-
-def _reshape_factor(f, axes, groups, new_shape):
-  """Applies the grouped reshape to one factor, or raises :class:`NoRule`."""
-  group_of = {o: (gi, gj) for gi, gj in groups for o in gi}
-  out_axes: list[int | None] = []
-  out_shape: list[int] = []
-  k = 0
-  while k < len(axes):
-    if axes[k] is None:
-      out_axes.append(None)
-      out_shape.append(f.shape[k])
-      k += 1
-      continue
-    gi, gj = group_of[axes[k]]
-    if list(axes[k : k + len(gi)]) != gi:
-      raise NoRule  # the run mixes roles or is out of order in this factor
-    out_axes += gj
-    out_shape += [new_shape[j] for j in gj]
-    k += len(gi)
-  return f.reshape(out_shape), tuple(out_axes)
-
-
-def _reshape_view(v: LoraVal, new_shape: Sequence[int], w: jax.Array) -> LoraVal:
-  groups = _reshape_groups(v.shape, new_shape)
-  a, a_axes = _reshape_factor(v.a, v.a_axes, groups, new_shape)
-  b, b_axes = _reshape_factor(v.b, v.b_axes, groups, new_shape)
-  for gi, gj in groups:
-    if not gi:  # a new size-1 axis: let the output factor carry it
-      b, b_axes = b[..., None], b_axes + (gj[0],)
-  g, g_axes = v.g, v.g_axes
-  if g is not None:
-    g, g_axes = _reshape_factor(g, g_axes, groups, new_shape)
-  return dataclasses.replace(v, w=w, a=a, b=b, a_axes=a_axes, b_axes=b_axes, g=g, g_axes=g_axes)
-
-
-def view_reshape(eqn: Any, v: LoraVal) -> LoraVal:
-  if eqn.params.get("dimensions") is not None:
-    raise NoRule
-  return _reshape_view(v, tuple(eqn.params["new_sizes"]), _view(eqn, v.w))
-
-
-def view_squeeze(eqn: Any, v: LoraVal) -> LoraVal:
-  dims = eqn.params["dimensions"]
-  new_shape = [d for i, d in enumerate(v.shape) if i not in dims]
-  return _reshape_view(v, new_shape, _view(eqn, v.w))
-
-
-def view_expand(eqn: Any, v: LoraVal) -> LoraVal:
-  shape, bdims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
-  if (
-    list(bdims) != sorted(bdims)
-    or any(shape[j] != 1 for j in range(len(shape)) if j not in bdims)
-    or any(shape[bdims[i]] != d for i, d in enumerate(v.shape))
-  ):
-    raise NoRule  # a real broadcast of the kernel
-  return _reshape_view(v, shape, _view(eqn, v.w))
-
-
-def _slice_factor(f, axes, ax, fn):
-  if ax not in axes:
-    return f
-  return fn(f, axes.index(ax))
-
-
-def view_slice(eqn: Any, v: LoraVal) -> LoraVal:
-  start, limit, strides = (
-    eqn.params["start_indices"],
-    eqn.params["limit_indices"],
-    eqn.params["strides"],
-  )
-  a, b, g = v.a, v.b, v.g
-  for ax in range(v.ndim):
-    if start[ax] == 0 and limit[ax] == v.shape[ax] and (strides is None or strides[ax] == 1):
-      continue
-    step = 1 if strides is None else strides[ax]
-    cut = lambda f, i, ax=ax, step=step: lax.slice_in_dim(f, start[ax], limit[ax], step, i)
-    a, b = _slice_factor(a, v.a_axes, ax, cut), _slice_factor(b, v.b_axes, ax, cut)
-    g = None if g is None else _slice_factor(g, v.g_axes, ax, cut)
-  return dataclasses.replace(v, w=_view(eqn, v.w), a=a, b=b, g=g)
-
-
-def view_dynamic_slice(eqn: Any, v: LoraVal, *starts: Any) -> LoraVal:
-  sizes = eqn.params["slice_sizes"]
-  a, b, g = v.a, v.b, v.g
-  for ax in range(v.ndim):
-    if sizes[ax] == v.shape[ax]:
-      continue
-    cut = lambda f, i, ax=ax: lax.dynamic_slice_in_dim(f, starts[ax], sizes[ax], i)
-    a, b = _slice_factor(a, v.a_axes, ax, cut), _slice_factor(b, v.b_axes, ax, cut)
-    g = None if g is None else _slice_factor(g, v.g_axes, ax, cut)
-  w = dense(v.w)  # traced start indices: decode here rather than inside a view closure
-  return dataclasses.replace(v, w=_jaxpr.rebind(eqn, w, *starts), a=a, b=b, g=g)
-
-
-VIEW_RULES: dict[str, Callable[..., LoraVal]] = {
-  "convert_element_type": view_convert,
-  "transpose": view_transpose,
-  "reshape": view_reshape,
-  "squeeze": view_squeeze,
-  "broadcast_in_dim": view_expand,
-  "slice": view_slice,
-  "dynamic_slice": view_dynamic_slice,
-  "copy": view_identity,
-  "sharding_constraint": view_identity,
-}
 
 
 # ----------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 
 from lorax_fn import _paths
 from lorax_fn._leaves import data_fields, factor_axes, is_adapter, is_stack
-from lorax_fn._quant import QuantLeaf, is_quant
+from lorax_fn._quant import is_quant
+from lorax_fn._quant_leaf import QuantLeaf
 
 P = PartitionSpec
 AXES = ("data", "fsdp", "model")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import lorax_fn as lora_fn
-from lorax_fn import _quant
+from lorax_fn import _quant_codes
 
 
 def _bnb():
@@ -88,12 +88,15 @@ def _serialized(double_quant, shape=(4, 64), block_size=64):
   kw = dict(block_size=block_size, double_quant=double_quant, torch_order=True)
   q = lora_fn.quantize({"w": w.T}, "nf4", targets=("w",), **kw)["w"]
   state = {"quant_type": "nf4", "blocksize": block_size, "dtype": "float32", "shape": list(shape)}
-  tensors = {"weight": np.asarray(q.codes)[:, None], "weight.quant_map": _quant.NF4_CODE.copy()}
+  tensors = {
+    "weight": np.asarray(q.codes)[:, None],
+    "weight.quant_map": _quant_codes.NF4_CODE.copy(),
+  }
   if double_quant:
     state.update(nested_blocksize=256, nested_dtype="float32", nested_offset=float(q.offset))
     tensors["weight.absmax"] = np.asarray(q.absmax_codes)
     tensors["weight.nested_absmax"] = np.asarray(q.absmax_scale)
-    tensors["weight.nested_quant_map"] = _quant.dynamic_code()
+    tensors["weight.nested_quant_map"] = _quant_codes.dynamic_code()
   else:
     tensors["weight.absmax"] = np.asarray(q.absmax)
   _put_state(tensors, state)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lorax_fn as lora_fn
-from lorax_fn import _quant
+from lorax_fn import _quant, _quant_codes, _quant_leaf
 
 torch = pytest.importorskip(
   "torch", reason="interop extra not installed: pip install -e '.[interop]'"
@@ -23,14 +23,16 @@ def _input(dtype, block_size, shape=(13, 37)):
   x = torch.randn(*shape, generator=gen).mul(3).to(dtype)
   x.view(-1)[:block_size] = 0  # an all-zero block: code 7 (0.0), absmax 0
   # A block whose values sit exactly on the midpoints between codes: ties take the lower code.
-  bounds = torch.from_numpy(_quant._bounds(_quant.NF4_CODE))
+  bounds = torch.from_numpy(_quant_codes._bounds(_quant_codes.NF4_CODE))
   x.view(-1)[block_size : block_size + 15] = bounds.to(dtype)
   x.view(-1)[block_size + 15] = 1.0
   return x
 
 
 def test_dynamic_code_is_bitsandbytes():
-  np.testing.assert_array_equal(_quant.dynamic_code(), F.create_dynamic_map(signed=True).numpy())
+  np.testing.assert_array_equal(
+    _quant_codes.dynamic_code(), F.create_dynamic_map(signed=True).numpy()
+  )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -70,8 +72,8 @@ def test_double_quant_within_one_code_step_of_the_cpu_reference(block_size):
   # code, as its CUDA kernel does: at most one step apart, and ours is never farther.
   mine, ref = np.asarray(ours.absmax_codes).astype(int), state.absmax.numpy().astype(int)
   assert np.abs(mine - ref).max() <= 1
-  code = _quant.dynamic_code()
-  _, absmax = _quant.blockwise(x.numpy(), block_size, _quant.NF4_CODE)
+  code = _quant_codes.dynamic_code()
+  _, absmax = _quant_codes.blockwise(x.numpy(), block_size, _quant_codes.NF4_CODE)
   scaled = (absmax - np.float32(ours.offset)) / np.repeat(np.asarray(ours.absmax_scale), 256)[
     : len(absmax)
   ]
@@ -146,7 +148,7 @@ def test_decode_rows_slices_the_stored_rows(torch_order):
   full = np.asarray(stack.dequantize())
   assert stack.row_axis == 0 and stack.sliceable()
   np.testing.assert_array_equal(np.asarray(stack.decode_rows(1, 2)), full[1:3])
-  layer = _quant.QuantSlice(stack, jnp.asarray(2))
+  layer = _quant_leaf.QuantSlice(stack, jnp.asarray(2))
   np.testing.assert_array_equal(np.asarray(layer.dequantize()), full[2])
   axis = 1 if torch_order else 0  # a transposed kernel's stored rows are its columns
   assert layer.row_axis == axis
