@@ -348,12 +348,27 @@ def _mask_to_budget(scores: Mapping[str, jax.Array], k: jax.Array) -> dict[str, 
   return {p: s > threshold for p, s in scores.items()}
 
 
+def kept_triplets(leaves: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
+  """Per AdaLoRA leaf, the triplets it keeps, and whether any rank was allocated yet.
+
+  AdaLoRA zeroes the ``e`` of the triplets it prunes, so the kept ones are those with
+  ``e != 0``; but every ``e`` is 0 at init, before any training step: until some ``e`` is
+  not, nothing was allocated and every triplet is kept (PEFT's ``rank_pattern`` is
+  ``None`` then and its ``save_pretrained`` writes ``init_r`` triplets per module).
+  """
+  es = {p: np.asarray(jax.device_get(x.e)) for p, x in leaves.items()}
+  allocated = any(e.any() for e in es.values())
+  return {p: e != 0 if allocated else np.ones(e.shape, bool) for p, e in es.items()}, allocated
+
+
 def adalora_ranks(params_or_state: Any) -> dict[str, Any]:
   """The current rank of each AdaLoRA leaf, by its path.
 
   From an :class:`AdaLoraState` (or any optimiser state holding one), the triplets its mask
-  keeps; from params, the non-zero entries of ``e`` (AdaLoRA zeroes the pruned ones; at
-  init every ``e`` is zero). A scan-stacked kernel gets an array of ranks, one per layer.
+  keeps; from params, the non-zero entries of ``e`` (AdaLoRA zeroes the pruned ones), or
+  the wrapped rank while every ``e`` is still zero (at init, before any allocation: as the
+  state's mask, and as PEFT, which prunes nothing before its first mask). A scan-stacked
+  kernel gets an array of ranks, one per layer.
 
   Raises:
     ValueError: if there is no AdaLoRA state or leaf in ``params_or_state``.
@@ -362,8 +377,8 @@ def adalora_ranks(params_or_state: Any) -> dict[str, Any]:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
     >>> p = lora_fn.wrap({"fc": {"kernel": jnp.ones((5, 7))}}, rank=3, targets=("fc",),
     ...                  key=jax.random.key(0), adalora=True)
-    >>> lora_fn.adalora_ranks(p)  # Λ = 0 at init
-    {'fc/kernel': 0}
+    >>> lora_fn.adalora_ranks(p)  # Λ = 0 at init: nothing allocated yet
+    {'fc/kernel': 3}
   """
   states = [
     x
@@ -378,7 +393,7 @@ def adalora_ranks(params_or_state: Any) -> dict[str, Any]:
     leaves = _adalora_leaves(params_or_state)
     if not leaves:
       raise ValueError("adalora_ranks: no AdaLoRA state or AdaLoRA leaf (wrap(adalora=True))")
-    kept = {p: x.e != 0 for p, x in leaves.items()}
+    kept = kept_triplets(leaves)[0]
   out = {}
   for path, keep in sorted(kept.items()):
     ranks = np.sum(np.asarray(keep), axis=-1)

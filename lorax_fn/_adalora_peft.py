@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_fn._adalora import is_adalora
+from lorax_fn._adalora import is_adalora, kept_triplets
 
 _PEFT_KINDS = ("Linear", "Conv2d")  # PEFT's SVDLinear and SVDConv2d
 
@@ -39,7 +39,9 @@ def to_peft(
 
   The triplets whose ``e`` is exactly 0 (pruned) are left out, as PEFT's ``save_pretrained``
   resizes by ``rank_pattern``; the pattern is written, keys have no ``.weight``, ``lora_E``
-  is ``(r, 1)``, and ``r`` is PEFT's ignored default 8.
+  is ``(r, 1)``, and ``r`` is PEFT's ignored default 8. While every ``e`` is 0 (before any
+  training step) nothing was pruned: all ``init_r`` triplets are written and
+  ``rank_pattern`` is ``None``, as PEFT writes an AdaLoRA model before its first mask.
   """
   loras = [leaves[s.path] for s in sites]
   if not all(is_adalora(x) for x in loras):
@@ -71,12 +73,13 @@ def to_peft(
   init_r = config["r"]
   if chosen["target_r"] is None:
     chosen["target_r"] = init_r
+  kept, allocated = kept_triplets({s.path: x for s, x in zip(sites, loras, strict=True)})
   out, pattern = {}, {}
   for site, leaf in zip(sites, loras, strict=True):
     e = np.asarray(jax.device_get(leaf.e), np.float32)
     for i, names in enumerate(site.names):
       name, e_i = names[0], e[i] if site.stacked else e
-      keep = e_i != 0
+      keep = kept[site.path][i] if site.stacked else kept[site.path]
       a = tensors.pop(f"base_model.model.{name}.lora_A.weight")
       b = tensors.pop(f"base_model.model.{name}.lora_B.weight")
       out[f"base_model.model.{name}.lora_A"] = np.ascontiguousarray(a.reshape(init_r, -1)[keep])
@@ -90,7 +93,7 @@ def to_peft(
     "peft_type": "ADALORA",
     "r": 8,
     "init_r": init_r,
-    "rank_pattern": pattern,
+    "rank_pattern": pattern if allocated else None,
     "alpha_pattern": {},
     **chosen,
   }

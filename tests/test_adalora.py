@@ -318,6 +318,37 @@ def test_peft_files_both_ways(tmp_path):
   np.testing.assert_allclose(np.asarray(apply(back, X)), theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_save_before_any_step_writes_init_r_triplets_as_peft(tmp_path):
+  # Every e is 0 until the first step: nothing is pruned yet (PEFT's rank_pattern is None).
+  params = lora_fn.wrap(
+    _params(_net()), rank=R, alpha=6.0, targets=("fc1", "fc2"), key=K(0), adalora=True
+  )
+  assert lora_fn.adalora_ranks(params) == {"fc1/kernel": R, "fc2/kernel": R}
+  lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, adalora=SCHEDULE)
+  pm = peft.get_peft_model(
+    _net(), peft.AdaLoraConfig(lora_alpha=6, target_modules=["fc1", "fc2"], **SCHEDULE)
+  )
+  pm.save_pretrained(str(tmp_path / "p"))
+  from safetensors.numpy import load_file
+
+  ours, theirs = (
+    (
+      json.loads((tmp_path / d / "adapter_config.json").read_text()),
+      {k: v.shape for k, v in load_file(str(tmp_path / d / "adapter_model.safetensors")).items()},
+    )
+    for d in ("a", "p")
+  )
+  assert ours[0]["rank_pattern"] is None and theirs[0]["rank_pattern"] is None
+  assert ours[1] == theirs[1]  # lora_A (R, in), lora_B (out, R), lora_E (R, 1)
+  loaded = peft.PeftModel.from_pretrained(_net(), str(tmp_path / "a")).eval()
+  with torch.no_grad():
+    out = loaded(torch.as_tensor(X)).logits.numpy()
+  np.testing.assert_allclose(out, np.asarray(model(_params(_net()), X)), rtol=1e-5, atol=1e-6)
+  back = lora_fn.load_peft(tmp_path / "a", _params(_net()), modules=MODULES)
+  assert back["fc1"]["kernel"].e.shape == (R,)
+  np.testing.assert_array_equal(back["fc1"]["kernel"].a, params["fc1"]["kernel"].a)
+
+
 _P = lora_fn.wrap(
   {"fc": {"kernel": jnp.ones((6, 5))}}, rank=4, targets=("fc",), key=K(0), adalora=True
 )
