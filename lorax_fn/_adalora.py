@@ -264,9 +264,20 @@ def adalora(
     return AdaLoraState(count, tx.init(params), ipt, unc, mask)
 
   def update(grads: Any, state: AdaLoraState, params: Any = None) -> tuple[Any, AdaLoraState]:
+    if not isinstance(state, AdaLoraState):
+      raise TypeError(
+        "state must be the AdaLoraState that this adalora transformation's init returned (it "
+        "holds the inner state, the importance scores and the masks); got: "
+        f"{type(state).__name__}"
+      )
     if params is None:
       raise ValueError("adalora's update needs params (the importance scores use them)")
     leaves = leaves_of(params)
+    if set(state.mask) != set(leaves):
+      raise ValueError(
+        f"state holds AdaLoRA scores for {sorted(state.mask)[:4]} but params have AdaLoRA "
+        f"leaves at {sorted(leaves)[:4]}; init the state from the params it updates"
+      )
     stacks = {p: x.roles.count("stack") for p, x in leaves.items()}
     g_nodes = _at(grads, leaves, "grads")
     if orth_reg_weight:

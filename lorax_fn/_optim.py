@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from lorax_fn import _paths
+from lorax_fn._adalora import AdaLoraState
 from lorax_fn._leaves import is_adapter, is_lora, is_stack
 from lorax_fn._partition import _is_mask_leaf, combine, partition, trainable_mask
 
@@ -67,9 +68,15 @@ def optimizer(
 
   def update(updates: Any, state: LoraOptState, params: Any = None) -> tuple[Any, LoraOptState]:
     if not isinstance(state, LoraOptState):
+      hint = ""
+      if isinstance(state, AdaLoraState):
+        hint = (
+          " (an AdaLoraState is the state of lorax_fn.adalora(tx, ...), which runs this "
+          "optimizer inside: call the adalora transformation's update with it)"
+        )
       raise TypeError(
         "state must be the LoraOptState that this optimizer's init returned; got: "
-        f"{type(state).__name__}"
+        f"{type(state).__name__}{hint}"
       )
     _check_like("updates", updates, mask)
     if params is not None:
@@ -110,14 +117,27 @@ def _check_like(what: str, tree: Any, mask: Any) -> None:
         f"{what} at {path!r} has rank {x.rank} and layout {x.roles}; the optimizer was built "
         f"for rank {m.rank} and layout {m.roles}"
       )
-    if is_lora(m) and x.a is not None and (m.m is None) != (x.m is None):
-      kinds = ("a plain LoRA leaf", "a DoRA leaf (with a magnitude m)")
-      raise ValueError(
-        f"{what} at {path!r} is {kinds[x.m is not None]}; the optimizer was built for "
-        f"{kinds[m.m is not None]}"
-      )
+    if is_lora(m) and x.a is not None:
+      _check_variant(what, path, m, x)
   if what == "updates":
     _check_split_form(expected, got)
+
+
+_VARIANTS = {
+  "m": "a DoRA leaf (with a magnitude m)",
+  "e": "an AdaLoRA leaf (with singular values e: wrap(..., adalora=True))",
+}
+
+
+def _check_variant(what: str, path: str, m: Any, x: Any) -> None:
+  """A DoRA or AdaLoRA leaf where the optimizer was built for a plain one, or the reverse."""
+  for field, kind in _VARIANTS.items():
+    if (getattr(m, field) is None) != (getattr(x, field) is None):
+      kinds = ("a plain LoRA leaf", kind)
+      raise ValueError(
+        f"{what} at {path!r} is {kinds[getattr(x, field) is not None]}; the optimizer was "
+        f"built for {kinds[getattr(m, field) is not None]}"
+      )
 
 
 def _check_split_form(expected: dict[str, Any], got: dict[str, Any]) -> None:

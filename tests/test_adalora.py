@@ -349,6 +349,38 @@ def test_save_before_any_step_writes_init_r_triplets_as_peft(tmp_path):
   np.testing.assert_array_equal(back["fc1"]["kernel"].a, params["fc1"]["kernel"].a)
 
 
+def test_optimizer_states_name_the_adalora_mix_up():
+  plain = lora_fn.wrap({"fc": {"kernel": jnp.ones((6, 5))}}, rank=4, targets=("fc",), key=K(0))
+  tx = lora_fn.optimizer(optax.sgd(0.1), plain)
+  with pytest.raises(
+    ValueError,
+    match=r"updates at 'fc/kernel' is an AdaLoRA leaf \(with singular values e: "
+    r"wrap\(..., adalora=True\)\); the optimizer was built for a plain LoRA leaf",
+  ):
+    tx.update(_P, tx.init(plain))
+  inner = lora_fn.optimizer(optax.sgd(0.1), _P)
+  ada = lora_fn.adalora(inner, init_r=4, target_r=2, total_step=10)
+  with pytest.raises(
+    TypeError,
+    match=r"got: AdaLoraState \(an AdaLoraState is the state of lorax_fn.adalora\(tx, ...\), "
+    r"which runs this optimizer inside: call the adalora transformation's update with it\)",
+  ):
+    inner.update(_P, ada.init(_P), _P)
+  with pytest.raises(
+    TypeError, match=r"state must be the AdaLoraState that this adalora transformation's init"
+  ):
+    ada.update(_P, inner.init(_P), _P)
+  other = {"gc": _P["fc"]}
+  with pytest.raises(
+    ValueError,
+    match=r"state holds AdaLoRA scores for \['fc/kernel'\] but params have AdaLoRA leaves at "
+    r"\['gc/kernel'\]",
+  ):
+    lora_fn.adalora(optax.sgd(0.1), init_r=4, target_r=2, total_step=10).update(
+      other, ada.init(_P), other
+    )
+
+
 _P = lora_fn.wrap(
   {"fc": {"kernel": jnp.ones((6, 5))}}, rank=4, targets=("fc",), key=K(0), adalora=True
 )
