@@ -52,7 +52,17 @@ _UNSUPPORTED = {
   "alora_invocation_tokens": None,
   "use_bdlora": None,
 }
-_PLAIN_INITS = (True, False, "gaussian")
+# Inits that only choose the starting factors (EVA: A from activations, B = 0; orthogonal:
+# B·A = 0; MiCA: A = 0, B frozen): the base stays the original, the adapter is a plain LoRA.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# Why lorax_fn cannot re-derive the base of the other PEFT inits that change it.
+_CHANGED_BASE = {
+  "pissa_niter": "the residual of torch's randomized SVD, whose random test matrix lorax_fn "
+  "cannot reproduce",
+  "corda": "the residual of a decomposition driven by the training data's activations",
+  "lora_ga": "the original minus an offset from the training data's gradients",
+  "loftq": "LoftQ's quantised weight (PEFT's conversion does not cover LoftQ either)",
+}
 _FACTOR_KEY = re.compile(
   r"(?P<m>.+)\.(?P<f>lora_A|lora_B)\.weight|(?P<e>.+)\.(?P<g>lora_embedding_A|lora_embedding_B)"
   r"|(?P<d>.+)\.lora_magnitude_vector(?:\.weight)?"
@@ -98,15 +108,30 @@ def _check_config(config: dict, where: str) -> None:
       )
   init = config.get("init_lora_weights", True)
   if init not in _PLAIN_INITS + _init.REDERIVED:
-    raise ValueError(
-      f"{where}: init_lora_weights={init!r} adapters are relative to a modified base that "
-      f"lorax_fn cannot re-derive (it can for {_init.REDERIVED}); convert it to plain LoRA "
-      "with PEFT first (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
-    )
+    _refuse_init(init, where)
   for field in ("r", "lora_alpha"):
     value = config.get(field)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
       raise ValueError(f"{where}: {field} must be a positive number; got: {value!r}")
+
+
+def _refuse_init(init: Any, where: str) -> None:
+  """A ``ValueError`` saying why an adapter of this ``init_lora_weights`` does not load, and
+  what does."""
+  kind = "pissa_niter" if str(init).startswith("pissa_niter_") else init
+  if kind not in _CHANGED_BASE:
+    raise ValueError(
+      f"{where}: init_lora_weights={init!r} is not a PEFT init lorax_fn knows; it reads "
+      f"{_PLAIN_INITS + _init.REDERIVED}"
+    )
+  raise ValueError(
+    f"{where}: init_lora_weights={init!r}: the adapter is relative to the base that init made, "
+    f"{_CHANGED_BASE[kind]}; lorax_fn re-derives that base only for {_init.REDERIVED}. Either "
+    "convert it with PEFT to a plain LoRA on the original base (peft_model.save_pretrained(out, "
+    "path_initial_model_for_weight_conversion=<the adapter saved right after get_peft_model>), "
+    "for PiSSA and CorDA), or load it onto the base it was trained on, saved from PEFT, with "
+    "init_lora_weights set to true in its adapter_config.json (PEFT's LoftQ recipe)"
+  )
 
 
 def _pattern_value(patterns: Any, name: str, default: Any) -> Any:
@@ -202,7 +227,11 @@ def load_peft(
   AdaLoRA leaves of rank ``init_r``, its pruned triplets zero. An adapter saved unconverted
   after a PiSSA or OLoRA init (``init_lora_weights`` ``"pissa"`` / ``"olora"``) is relative
   to the residual of the original kernel: as PEFT does, the init runs again on the
-  (original, float) kernels given, and their residual becomes the base.
+  (original, float) kernels given, and their residual becomes the base. Inits that only
+  choose the starting factors (``"gaussian"``, ``"eva"``, ``"orthogonal"``, ``"mica"``) give
+  plain LoRA adapters; those whose changed base lorax_fn cannot re-derive
+  (``"pissa_niter_K"``, ``"corda"``, ``"lora_ga"``, ``"loftq"``) are refused with the way
+  to convert them.
 
   Args:
     path: the PEFT directory.
@@ -216,9 +245,10 @@ def load_peft(
 
   Raises:
     FileNotFoundError: a missing file (named).
-    ValueError: a damaged file, a peft_type other than LoRA or an option lorax_fn does not
-      support, modules the model lacks (named, with the nearest names), a factor whose shape
-      does not fit (the safetensors key, expected and found shapes), or LoRA leaves of
+    ValueError: a damaged file, a peft_type other than LoRA or AdaLoRA, an option lorax_fn
+      does not support (named, e.g. an ``init_lora_weights`` whose base it cannot
+      re-derive), modules the model lacks (named, with the nearest names), a factor whose
+      shape does not fit (the safetensors key, expected and found shapes), or LoRA leaves of
       ``params`` the adapter does not cover.
 
   Example:

@@ -314,8 +314,19 @@ LOAD_ERRORS = [
     {**LORA, "init_lora_weights": "corda"},
     FACTORS,
     ValueError,
-    r"init_lora_weights='corda' adapters are relative to a modified base that lorax_fn cannot "
-    r"re-derive \(it can for \('pissa', 'olora'\)\)",
+    r"init_lora_weights='corda': the adapter is relative to the base that init made, the "
+    r"residual of a decomposition driven by the training data's activations; lorax_fn "
+    r"re-derives that base only for \('pissa', 'olora'\). Either convert it with PEFT to a "
+    r"plain LoRA on the original base \(peft_model.save_pretrained\(out, "
+    r"path_initial_model_for_weight_conversion=",
+  ),
+  (
+    "unknown_init",
+    {**LORA, "init_lora_weights": "svd"},
+    FACTORS,
+    ValueError,
+    r"init_lora_weights='svd' is not a PEFT init lorax_fn knows; it reads \(True, False, "
+    r"'gaussian', 'eva', 'orthogonal', 'mica', 'pissa', 'olora'\)",
   ),
   (
     "unknown_module",

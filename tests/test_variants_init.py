@@ -337,6 +337,21 @@ def test_load_peft_rederives_the_residual_of_an_unconverted_adapter(tmp_path, in
   np.testing.assert_allclose(np.asarray(ours(params, X)), _theirs(pm.eval()), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("init", ["orthogonal", "mica"])
+def test_inits_that_keep_the_base_load_as_plain_lora(tmp_path, init):
+  # PEFT's orthogonal init has B·A = 0 and MiCA's A = 0: the base stays the original one.
+  config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["fc1", "fc2"], init_lora_weights=init)
+  pm = peft.get_peft_model(_net(), config)
+  gen = torch.Generator().manual_seed(3)
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if "lora_A" in name:
+        p.add_(0.2 * torch.randn(p.shape, generator=gen))
+  pm.save_pretrained(str(tmp_path / "p"))
+  params = lora_fn.load_peft(tmp_path / "p", _params(_net()), modules=MODULES)
+  np.testing.assert_allclose(np.asarray(ours(params, X)), _theirs(pm.eval()), rtol=1e-5, atol=1e-5)
+
+
 def test_qpissa_quantises_the_residual():
   params = lora_fn.wrap(_params(_net()), rank=R, targets=("fc1",), init="pissa", key=K(0))
   q = lora_fn.quantize(params, "nf4", targets=("fc1",), block_size=16)
@@ -515,7 +530,21 @@ def test_export_errors(tmp_path):
 def test_load_errors(tmp_path):
   pm = _peft_model("pissa_niter_2")
   pm.save_pretrained(str(tmp_path / "niter"))
-  with pytest.raises(ValueError, match="init_lora_weights='pissa_niter_2' adapters are relative"):
+  with pytest.raises(
+    ValueError,
+    match=r"init_lora_weights='pissa_niter_2': the adapter is relative to the base that init "
+    r"made, the residual of torch's randomized SVD.*path_initial_model_for_weight_conversion",
+  ):
+    lora_fn.load_peft(tmp_path / "niter", _params(_net()), modules=MODULES)
+  config = json.loads((tmp_path / "niter" / "adapter_config.json").read_text())
+  (tmp_path / "niter" / "adapter_config.json").write_text(
+    json.dumps({**config, "init_lora_weights": "loftq"})
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"init_lora_weights='loftq': .* LoftQ's quantised weight .* or load it onto the base "
+    r"it was trained on, saved from PEFT, with init_lora_weights set to true",
+  ):
     lora_fn.load_peft(tmp_path / "niter", _params(_net()), modules=MODULES)
   _peft_model("pissa").save_pretrained(str(tmp_path / "p"))
   wrapped = lora_fn.wrap(_params(_net()), rank=R, alpha=5.0, targets=("fc1", "fc2"), key=K(0))
