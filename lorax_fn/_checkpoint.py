@@ -107,6 +107,7 @@ def adapter_state(
         "dropout": leaf.dropout,
         "dora": leaf.dora,
         "adalora": leaf.e is not None,
+        "base_init": leaf.base_init,
       }
     elif mark:
       arrays[p] = leaf
@@ -120,9 +121,11 @@ def adapter_config(
 ) -> dict[str, Any]:
   """The JSON record :func:`save_adapter` writes (without ``metadata``), for any checkpoint.
 
-  It names every LoRA leaf with its shape, axis roles, rank, alpha, rsLoRA, dropout and DoRA,
-  the fully trained extra leaves, and the shape and dtype of each saved array. Store it with
-  your own checkpoints (``train/run.py`` does) and compare with :func:`check_adapter_config`.
+  It names every LoRA leaf with its shape, axis roles, rank, alpha, rsLoRA, dropout, DoRA,
+  AdaLoRA and the init that changed its base (PiSSA, OLoRA, LoftQ: factors trained on one
+  base are wrong on another), the fully trained extra leaves, and the shape and dtype of
+  each saved array. Store it with your own checkpoints (``train/run.py`` does) and compare
+  with :func:`check_adapter_config`.
 
   Example:
     >>> import jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -331,8 +334,9 @@ def check_adapter_config(
     )
   for p, s in s_lora.items():
     c = c_lora[p]
-    for field in ("shape", "roles", "rank", "alpha", "rslora", "dora", "adalora"):
-      saved_value, value = s.get(field, False), c.get(field, False)  # older records: no "dora"
+    for field in ("shape", "roles", "rank", "alpha", "rslora", "dora", "adalora", "base_init"):
+      default = None if field == "base_init" else False  # older records lack the newer fields
+      saved_value, value = s.get(field, default), c.get(field, default)
       if saved_value != value:
         raise ValueError(
           f"{where}: LoRA leaf {p!r} was saved with {field}={saved_value!r} but the model has "

@@ -264,6 +264,40 @@ def _residual_init(w, key, view: _View, rank: int, scale: float, init: str, dtyp
 # ------------------------------------------------------------------------------------------
 
 
+def check_export_base(loras: Mapping[str, Any], initial: Any, residual_base: bool) -> None:
+  """``save_peft``'s choice of base for leaves whose init changed it, or a ``ValueError``.
+
+  ``initial=`` writes a plain LoRA against the original kernels (exact for PiSSA and OLoRA,
+  not for LoftQ, whose ``Q`` is not ``W - s·B₀A₀``); ``residual_base=True`` writes the
+  adapter against the base in params; without either, such a leaf is an error: PEFT and
+  vLLM would load the adapter onto the original model and compute something else.
+  """
+  changed = {p: x.base_init for p, x in sorted(loras.items()) if x.base_init is not None}
+  if initial is not None and residual_base:
+    raise ValueError(
+      "save_peft: initial= writes the adapter against the original base and "
+      "residual_base=True against the base in params; pass one of them"
+    )
+  if changed and initial is None and not residual_base:
+    init = next(iter(changed.values()))
+    raise ValueError(
+      f"save_peft: {list(changed)[:4]} were wrapped with init={init!r}, so their base is not "
+      "the original kernel any more (unwrap(params) returns it) and an adapter written "
+      "against it is wrong on the original model, which PEFT and vLLM load it onto. Pass "
+      "initial=<the tree wrap returned, before training> to write a plain LoRA against the "
+      "original base (PEFT's conversion; vLLM serves it), or residual_base=True to write it "
+      "against the base in params, which you then ship with it"
+    )
+  loftq = [p for p, init in changed.items() if init == "loftq"]
+  if initial is not None and loftq:
+    raise ValueError(
+      f"save_peft: initial= converts PiSSA and OLoRA adapters exactly, but {loftq[:4]} are "
+      "LoftQ's, whose quantised base is not W - s·B₀A₀ (the conversion would be off by "
+      "LoftQ's error); write them with residual_base=True and ship their base "
+      "(lorax_fn.unwrap(params), dequantised) with them, as PEFT's LoftQ recipe does"
+    )
+
+
 def initial_factors(initial: Any, loras: Mapping[str, Any]) -> dict[str, Any]:
   """The leaves of ``initial`` at the paths of ``loras``, checked to be their starting point."""
   from lorax_fn._leaves import is_adapter, is_lora
@@ -284,14 +318,16 @@ def initial_factors(initial: Any, loras: Mapping[str, Any]) -> dict[str, Any]:
     if leaf.m is not None or leaf.e is not None:
       kind = "DoRA" if leaf.m is not None else "AdaLoRA"
       raise ValueError(f"initial= converts LoRA adapters; {path!r} is {kind}")
-    mine = (leaf.rank, leaf.alpha, leaf.rslora, leaf.roles, np.shape(leaf.a), np.shape(leaf.b))
-    theirs = (first.rank, first.alpha, first.rslora, first.roles)
+    mine = (leaf.rank, leaf.alpha, leaf.rslora, leaf.roles, leaf.base_init)
+    mine += (np.shape(leaf.a), np.shape(leaf.b))
+    theirs = (first.rank, first.alpha, first.rslora, first.roles, first.base_init)
     theirs += (np.shape(first.a), np.shape(first.b))
     if mine != theirs:
       raise ValueError(
         f"initial at {path!r} (rank {first.rank}, alpha {first.alpha:g}, rslora "
-        f"{first.rslora}, layout {first.roles}) is not the start of the adapter in params "
-        f"(rank {leaf.rank}, alpha {leaf.alpha:g}, rslora {leaf.rslora}, layout {leaf.roles})"
+        f"{first.rslora}, layout {first.roles}, init {first.base_init}) is not the start of "
+        f"the adapter in params (rank {leaf.rank}, alpha {leaf.alpha:g}, rslora "
+        f"{leaf.rslora}, layout {leaf.roles}, init {leaf.base_init})"
       )
   return {p: firsts[p] for p in loras}
 

@@ -97,6 +97,10 @@ class LoraLeaf:
     e: AdaLoRA's trainable singular values Λ (``None``: plain LoRA), of shape
       ``stack + (rank,)``. The leaf then stands for ``W + alpha/(rank + 1e-5)·B·(Λ ⊙ A)``
       (PEFT's ``SVDLinear``; see :func:`lorax_fn.adalora`).
+    base_init: static; the ``wrap(init=...)`` that replaced the base (``"pissa"``,
+      ``"pissa_niter_K"``, ``"olora"``, ``"loftq"``): ``w`` is then its residual (or LoftQ's
+      quantised weight), not the kernel ``wrap`` was given. ``None`` for every other leaf.
+      :func:`lorax_fn.save_peft` reads it to write the adapter against the right base.
   """
 
   w: jax.Array
@@ -109,6 +113,7 @@ class LoraLeaf:
   dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
   m: jax.Array | None = None
   e: jax.Array | None = None
+  base_init: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   def __post_init__(self) -> None:
     # Runs on every unflatten too: static fields only, which are cheap to check.
@@ -120,6 +125,8 @@ class LoraLeaf:
     _validate.positive_number("LoraLeaf alpha", self.alpha)
     _validate.boolean("LoraLeaf rslora", self.rslora)
     _validate.rate("LoraLeaf dropout", self.dropout)
+    if self.base_init is not None and not isinstance(self.base_init, str):
+      raise TypeError(f"LoraLeaf base_init must be a str or None; got: {self.base_init!r}")
 
   @property
   def scale(self) -> float:

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lorax_fn import _adalora_peft, _init, _paths, _torch_layout
+from lorax_fn import _adalora_peft, _init, _paths, _torch_layout, _validate
 from lorax_fn._leaves import is_lora
 from lorax_fn._partition import trainable_mask
 from lorax_fn._peft_sites import (
@@ -99,6 +99,7 @@ def save_peft(
   heads: Sequence[str] = ("lm_head",),
   layouts: Mapping[str, Sequence[str]] | None = None,
   initial: Any = None,
+  residual_base: bool = False,
   adalora: Mapping[str, Any] | None = None,
   overwrite: bool = False,
 ) -> None:
@@ -124,14 +125,16 @@ def save_peft(
     heads: module names that count as an output head, for ``strict_serving``.
     layouts: layouts of fully trained kernels whose default layout is ambiguous (a 3-D
       ``DenseGeneral``), as for :func:`wrap`.
-    initial: for adapters whose init changed the base (``init="pissa"``, ``"olora"``): the
-      LoRA leaves as :func:`wrap` made them, before training (the tree it returned, or its
-      trainable half from :func:`split`). The adapter is then written as PEFT's
-      ``path_initial_model_for_weight_conversion`` writes it: a plain LoRA of rank ``2r``,
-      ``[A; A₀]`` and ``[B, -B₀]`` (alpha doubled, ``√2×`` with rsLoRA, so the scale stays),
-      to load onto the ORIGINAL base, which vLLM serves. Without it the adapter is
-      relative to the base in ``params`` (for PiSSA / OLoRA the residual that
-      :func:`unwrap` returns).
+    initial: for adapters whose init changed the base (``init="pissa"``,
+      ``"pissa_niter_K"``, ``"olora"``): the LoRA leaves as :func:`wrap` made them, before
+      training (the tree it returned, or its trainable half from :func:`split`). The
+      adapter is then written as PEFT's ``path_initial_model_for_weight_conversion`` writes
+      it: a plain LoRA of rank ``2r``, ``[A; A₀]`` and ``[B, -B₀]`` (alpha doubled, ``√2×``
+      with rsLoRA, so the scale stays), to load onto the ORIGINAL base, which vLLM serves.
+    residual_base: write such adapters against the base in ``params`` instead (the
+      residual that :func:`unwrap` returns, or LoftQ's quantised weight), which must then
+      be shipped with them (PEFT's LoftQ recipe). Leaves whose init changed the base need
+      ``initial`` or this; without either they are an error, never a silently wrong file.
     adalora: for AdaLoRA leaves (written as PEFT's ``peft_type "ADALORA"``, the triplets
       pruned to ``e = 0`` left out and named in ``rank_pattern``): the keyword arguments
       given to :func:`lorax_fn.adalora`, recorded as PEFT records its schedule (without
@@ -140,8 +143,10 @@ def save_peft(
 
   Raises:
     ValueError: an unmapped module, two paths mapped to one name, an existing ``path``,
-      options one PEFT config cannot hold (mixed rsLoRA or dropout), or (``strict_serving``)
+      options one PEFT config cannot hold (mixed rsLoRA or dropout), a leaf whose init
+      changed the base without ``initial`` or ``residual_base``, or (``strict_serving``)
       what vLLM refuses.
+    TypeError: ``residual_base`` is no bool.
 
   Example:
     >>> import json, pathlib, tempfile, jax, jax.numpy as jnp, lorax_fn as lora_fn
@@ -163,6 +168,8 @@ def save_peft(
     if problems:
       raise ValueError("vLLM would refuse this adapter: " + "; ".join(problems))
   leaves = dict(_flat(params))
+  residual_base = _validate.boolean("residual_base", residual_base)
+  _init.check_export_base({s.path: leaves[s.path] for s in loras}, initial, residual_base)
   if initial is not None:
     initial = _init.initial_factors(initial, {s.path: leaves[s.path] for s in loras})
   tensors: dict[str, np.ndarray] = {}

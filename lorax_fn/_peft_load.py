@@ -399,13 +399,16 @@ def _lora_leaf(where: str, config: dict, site: _Site, leaf: Any, layers: dict) -
       f"{rslora}, dora {dora}"
     )
   init = config.get("init_lora_weights", True)
+  base_init = leaf.base_init if is_lora(leaf) else None  # a wrapped leaf keeps its base
   if init in _init.REDERIVED:
     scale = alpha / (math.sqrt(rank) if rslora else rank)
     base = _init.peft_base(where, site.path, leaf, site.roles, rank, scale, init)
+    base_init = init
   dtype = jnp.float32 if jnp.finfo(base.dtype).bits < 32 else base.dtype
   a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
   m = None if m is None else jnp.asarray(m, dtype)
-  return LoraLeaf(base, a, b, tuple(site.roles), rank, alpha, rslora, dropout, m)
+  roles = tuple(site.roles)
+  return LoraLeaf(base, a, b, roles, rank, alpha, rslora, dropout, m, base_init=base_init)
 
 
 def _extra_leaf(where: str, site: _Site, leaf: Any, layers: dict) -> jax.Array:

@@ -290,16 +290,19 @@ def _wrap_leaf(
   if dtype is None:
     dtype = jnp.float32 if jnp.finfo(leaf.dtype).bits < 32 else leaf.dtype
   alpha = float(rank if alpha is None else alpha)
-  e = None
+  e, base_init = None, None
   if _init.changes_base(init):
     scale = alpha / (math.sqrt(rank) if rslora else rank)
     leaf, a, b = _init.init_base(key, path, leaf, layout, int(rank), scale, init, dtype, loftq)
+    base_init = init
   elif adalora:
     a_shape, b_shape = factor_shapes(leaf.shape, layout, int(rank))
     a, b, e = _adalora.init_factors(key, a_shape, b_shape, layout.count("stack"), dtype)
   else:
     a, b = _init_factors(key, path, leaf, layout, int(rank), init, dtype)
-  return LoraLeaf(leaf, a, b, layout, int(rank), alpha, bool(rslora), float(dropout), e=e)
+  return LoraLeaf(
+    leaf, a, b, layout, int(rank), alpha, bool(rslora), float(dropout), e=e, base_init=base_init
+  )
 
 
 def merge(params: Any, *, dtype: Any = None) -> Any:

@@ -302,11 +302,12 @@ def test_export_is_a_plain_rank_2r_lora_on_the_original_base(tmp_path, init, rsl
   np.testing.assert_allclose(ours(back, X), ours(trained, X), rtol=1e-5, atol=1e-5)
 
 
-def test_export_without_initial_is_relative_to_the_residual_base(tmp_path):
+def test_export_with_residual_base_is_relative_to_the_residual_base(tmp_path):
   params = randomize(
     lora_fn.wrap(_params(_net()), rank=R, targets=("fc1", "fc2"), init="pissa", key=K(0)), K(1)
   )
-  lora_fn.save_peft(tmp_path / "a", params, modules=MODULES)
+  assert params["fc1"]["kernel"].base_init == "pissa"
+  lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, residual_base=True)
   net = _net()
   net.load_state_dict(
     {
@@ -335,6 +336,7 @@ def test_load_peft_rederives_the_residual_of_an_unconverted_adapter(tmp_path, in
   )
   params = lora_fn.load_peft(tmp_path / "p", _params(_net()), modules=MODULES)
   np.testing.assert_allclose(np.asarray(ours(params, X)), _theirs(pm.eval()), rtol=1e-5, atol=1e-5)
+  assert params["fc1"]["kernel"].base_init == init  # so save_peft knows the base is a residual
 
 
 @pytest.mark.parametrize("init", ["orthogonal", "mica"])
@@ -433,6 +435,34 @@ def test_loftq_equals_peft_loftq_with_bitsandbytes(iters):
   np.testing.assert_allclose(b * sign[None, :], out["L"].numpy(), atol=atol)
 
 
+def test_loftq_exports_against_its_quantised_base_only(tmp_path):
+  base = {"fc": {"kernel": _kernel((32, 24))}}
+  params = lora_fn.wrap(base, rank=4, targets=("fc",), init="loftq", key=K(0))
+  assert params["fc"]["kernel"].base_init == "loftq"
+  with pytest.raises(ValueError, match=r"\['fc/kernel'\] were wrapped with init='loftq'"):
+    lora_fn.save_peft(tmp_path / "a", params, modules={"fc": "fc"})
+  with pytest.raises(
+    ValueError,
+    match=r"initial= converts PiSSA and OLoRA adapters exactly, but \['fc/kernel'\] are "
+    r"LoftQ's, whose quantised base is not W - s·B₀A₀",
+  ):
+    lora_fn.save_peft(tmp_path / "a", params, modules={"fc": "fc"}, initial=params)
+  lora_fn.save_peft(tmp_path / "a", params, modules={"fc": "fc"}, residual_base=True)
+  back = lora_fn.load_peft(tmp_path / "a", lora_fn.unwrap(params), modules={"fc": "fc"})
+  np.testing.assert_array_equal(back["fc"]["kernel"].a, params["fc"]["kernel"].a)
+
+
+def test_checkpoints_record_the_changed_base(tmp_path):
+  params = lora_fn.wrap(_params(_net()), rank=R, targets=("fc1",), init="olora", key=K(0))
+  lora_fn.save_adapter(tmp_path / "c", params)
+  plain = lora_fn.wrap(_params(_net()), rank=R, targets=("fc1",), key=K(0))
+  with pytest.raises(
+    ValueError,
+    match=r"'fc1/kernel' was saved with base_init='olora' but the model has base_init=None",
+  ):
+    lora_fn.restore_adapter(tmp_path / "c", plain)
+
+
 def test_loftq_scales_factors_by_alpha():
   # PEFT's LoftQ leaves the scale out (peft#1982); ours fits s·BA whatever alpha is.
   base = {"fc": {"kernel": _kernel()}}
@@ -517,6 +547,20 @@ def test_wrap_errors(params, kwargs, error, match):
 
 def test_export_errors(tmp_path):
   params = lora_fn.wrap(_params(_net()), rank=R, targets=("fc1", "fc2"), init="pissa", key=K(0))
+  with pytest.raises(
+    ValueError,
+    match=r"save_peft: \['fc1/kernel', 'fc2/kernel'\] were wrapped with init='pissa', so their "
+    r"base is not the original kernel any more .* Pass initial=<the tree wrap returned, before "
+    r"training> .* or residual_base=True",
+  ):
+    lora_fn.save_peft(tmp_path / "a", params, modules=MODULES)
+  with pytest.raises(ValueError, match=r"initial= writes .* residual_base=True .* pass one"):
+    lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, initial=params, residual_base=True)
+  with pytest.raises(TypeError, match=r"residual_base must be a bool; got: 'yes'"):
+    lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, residual_base="yes")
+  plain = lora_fn.wrap(_params(_net()), rank=R, targets=("fc1", "fc2"), key=K(0))
+  with pytest.raises(ValueError, match=r"initial at 'fc1/kernel' .*init None\) is not the start"):
+    lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, initial=plain)
   other = lora_fn.wrap(_params(_net()), rank=2, targets=("fc1", "fc2"), init="pissa", key=K(0))
   with pytest.raises(ValueError, match=r"initial at 'fc1/kernel' \(rank 2.*is not the start"):
     lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, initial=other)
