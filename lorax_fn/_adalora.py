@@ -160,6 +160,14 @@ class AdaLoraState(NamedTuple):
     exp_avg_ipt: per leaf and factor (``"a"``, ``"b"``, ``"e"``), the EMA of ``|p·g|``.
     exp_avg_unc: likewise, the EMA of ``|ipt - exp_avg_ipt|``.
     mask: per leaf, ``stack + (r,)`` bools: the triplets kept (PEFT's ``rank_pattern``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, lorax_fn as lora_fn
+    >>> p = lora_fn.wrap({"k": jnp.ones((5, 7))}, rank=4, targets=("k",),
+    ...                  key=jax.random.key(0), adalora=True)
+    >>> state = lora_fn.adalora(optax.sgd(0.1), init_r=4, target_r=2, total_step=10).init(p)
+    >>> isinstance(state, lora_fn.AdaLoraState), int(state.count), state.mask["k"].tolist()
+    (True, 0, [True, True, True, True])
   """
 
   count: jax.Array

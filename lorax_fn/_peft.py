@@ -156,6 +156,16 @@ def save_peft(
     >>> lora_fn.save_peft(d, p, modules={"fc": "model.fc"})
     >>> json.loads(pathlib.Path(d, "adapter_config.json").read_text())["target_modules"]
     ['model.fc']
+
+    A PiSSA adapter needs ``initial`` (or ``residual_base``); with it, the plain LoRA of
+    PEFT's conversion, rank ``2r``, for the original base:
+
+    >>> w = jnp.arange(35.0).reshape(5, 7) / 35
+    >>> p0 = lora_fn.wrap({"fc": {"kernel": w}}, rank=2, targets=("fc",),
+    ...                   key=jax.random.key(0), init="pissa")
+    >>> lora_fn.save_peft(d + "-pissa", p0, modules={"fc": "model.fc"}, initial=p0)
+    >>> json.loads(pathlib.Path(d + "-pissa", "adapter_config.json").read_text())["r"]
+    4
   """
   if bias not in ("none", "all", "lora_only"):
     raise ValueError(f"bias must be one of ('none', 'all', 'lora_only'); got: {bias!r}")

@@ -191,6 +191,25 @@ def wrap(
     >>> wrapped = lora_fn.wrap(params, rank=2, targets=("dense",), key=jax.random.key(0))
     >>> wrapped["dense"]["kernel"].a.shape, wrapped["dense"]["kernel"].b.shape
     ((2, 5), (2, 7))
+
+    DoRA adds a magnitude per output unit, the column norms of ``W`` at init:
+
+    >>> w = jnp.arange(35.0).reshape(5, 7) / 35
+    >>> d = lora_fn.wrap({"k": w}, rank=2, targets=("k",), key=jax.random.key(0), dora=True)
+    >>> d["k"].m.shape, bool(jnp.allclose(d["k"].m, jnp.linalg.norm(w, axis=0)))
+    ((7,), True)
+
+    PiSSA moves the principal part into the factors; the base is the residual:
+
+    >>> p = lora_fn.wrap({"k": w}, rank=2, targets=("k",), key=jax.random.key(0), init="pissa")
+    >>> p["k"].base_init, bool(jnp.allclose(lora_fn.merge(p)["k"], w, atol=1e-6))
+    ('pissa', True)
+
+    AdaLoRA's SVD form adds singular values ``e`` (zero at init) for :func:`lorax_fn.adalora`:
+
+    >>> a = lora_fn.wrap({"k": w}, rank=3, targets=("k",), key=jax.random.key(0), adalora=True)
+    >>> a["k"].e
+    Array([0., 0., 0.], dtype=float32)
   """
   init = _init.check_init(init)
   loftq = _init.loftq_options(init, loftq_iter, loftq_quant)

@@ -56,3 +56,25 @@ def test_public_names():
   ]
   for name in lorax_fn.__all__:
     assert getattr(lorax_fn, name).__doc__, name
+
+
+# Types, predicates and warnings, documented by their attributes: no example of their own.
+_NO_EXAMPLE = {
+  "Layout",
+  "LoraLeaf",
+  "LoraOptState",
+  "LoraStack",
+  "MaterializeWarning",
+  "QuantLeaf",
+  "ShardingWarning",
+  "is_lora",
+  "is_quant",
+  "is_stack",
+}
+
+
+def test_every_public_function_has_a_doctested_example():
+  # The doctests run with pytest --doctest-modules (testpaths include lorax_fn).
+  for name in sorted(set(lorax_fn.__all__) - _NO_EXAMPLE):
+    doc = getattr(lorax_fn, name).__doc__
+    assert "\n  Example:\n" in doc and ">>> " in doc, name
