@@ -1,11 +1,14 @@
-"""Shared test helpers: an explicit LoRA formula and tree-aware assertions."""
+"""Shared test helpers: an explicit LoRA formula, tree-aware assertions, a torch model's twin."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import lorax_fn as lora_fn
@@ -81,3 +84,112 @@ def all_eqns(jaxpr):
         inner = getattr(sub, "jaxpr", sub)
         if hasattr(inner, "eqns"):
           yield from all_eqns(inner)
+
+
+# ------------------------------------------------------------------------------------------
+# A torch model and its Flax twin (test_peft, test_dora): an Embedding, a Conv2d and two
+# Linear layers of pairwise-distinct sizes. torch is imported only by the tests that use it.
+# ------------------------------------------------------------------------------------------
+
+TWIN_SIZES = (11, 6, 13, 5)
+"""``(vocab, embedding dim = conv channels, fc1 width, outputs)``."""
+TWIN_MODULES = {"embed": "embed", "conv": "conv", "fc1": "fc1", "fc2": "fc2"}
+"""Our module paths to the torch model's module names."""
+
+
+class Twin(nn.Module):
+  """The Flax twin of :func:`torch_net`'s model; images NHWC."""
+
+  @nn.compact
+  def __call__(self, ids, img):
+    vocab, d, hid, out = TWIN_SIZES
+    t = nn.Embed(vocab, d, name="embed")(ids).mean(1)
+    t = t + nn.Conv(d, (3, 3), padding=1, name="conv")(img).mean((1, 2))
+    return nn.Dense(out, name="fc2")(nn.gelu(nn.Dense(hid, name="fc1")(t), approximate=False))
+
+
+@functools.cache
+def _torch_net_class():
+  import torch
+
+  vocab, d, hid, out = TWIN_SIZES
+
+  class TorchNet(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.embed = torch.nn.Embedding(vocab, d)
+      self.conv = torch.nn.Conv2d(3, d, 3, padding=1)
+      self.fc1 = torch.nn.Linear(d, hid)
+      self.fc2 = torch.nn.Linear(hid, out)
+
+    def forward(self, ids, img):  # img NCHW
+      t = self.embed(ids).mean(1) + self.conv(img).mean((2, 3))
+      return self.fc2(torch.nn.functional.gelu(self.fc1(t)))
+
+  return TorchNet
+
+
+def torch_net(seed=0):
+  """The torch model with weights drawn after ``torch.manual_seed(seed)``, in eval mode."""
+  import torch
+
+  torch.manual_seed(seed)
+  return _torch_net_class()().eval()
+
+
+def twin_params(net):
+  """The twin's params holding the torch model's weights."""
+  sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+  return {
+    "embed": {"embedding": jnp.asarray(sd["embed.weight"])},
+    "conv": {
+      "kernel": jnp.asarray(sd["conv.weight"].transpose(2, 3, 1, 0)),
+      "bias": jnp.asarray(sd["conv.bias"]),
+    },
+    "fc1": {"kernel": jnp.asarray(sd["fc1.weight"].T), "bias": jnp.asarray(sd["fc1.bias"])},
+    "fc2": {"kernel": jnp.asarray(sd["fc2.weight"].T), "bias": jnp.asarray(sd["fc2.bias"])},
+  }
+
+
+def twin_inputs(seed=0):
+  """``(ids (7, 4), images (7, 3, 9, 8) NCHW float32)``."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, TWIN_SIZES[0], (7, 4))
+  img = rng.normal(size=(7, 3, 9, 8)).astype(np.float32)
+  return ids, img
+
+
+@functools.cache
+def _lora_twin():
+  return lora_fn.lora(Twin().apply)  # one wrapper: its traces are cached across tests
+
+
+def twin_apply(params, ids, img):
+  """The twin with LoRA leaves (``lora_fn.lora``) on NCHW images, as a JAX array."""
+  return _lora_twin()({"params": params}, jnp.asarray(ids), jnp.asarray(img).transpose(0, 2, 3, 1))
+
+
+def torch_apply(model, ids, img):
+  """A torch (or PEFT) model's outputs, without gradients, as numpy."""
+  import torch
+
+  with torch.no_grad():
+    return model(torch.as_tensor(ids), torch.as_tensor(img)).numpy()
+
+
+def peft_dora_factors(model, grads=False, targets=("embed", "conv", "fc1", "fc2")):
+  """``{module: (A, B, m)}`` of a PEFT DoRA model of the twin (or their gradients), in our
+  layouts: A ``(r, in)`` (a Conv2d's ``(r, kh, kw, in)``), B ``(r, out)``, m ``(out,)``."""
+  out = {}
+  for name in targets:
+    layer = getattr(model.base_model.model, name)
+    if name == "embed":
+      a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+    else:
+      a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    a, b, m = ((x.grad if grads else x).detach().numpy().copy() for x in (a, b, m))
+    if name == "conv":  # A (r, in, kh, kw) -> (r, kh, kw, in); B (out, r, 1, 1) -> (r, out)
+      a, b = a.transpose(0, 2, 3, 1), b[:, :, 0, 0]
+    out[name] = (a, b.T, m.reshape(-1))
+  return out

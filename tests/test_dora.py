@@ -18,7 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_close, explicit_delta
+from helpers import (
+  TWIN_MODULES,
+  TWIN_SIZES,
+  Twin,
+  assert_trees_close,
+  explicit_delta,
+  peft_dora_factors,
+  torch_apply,
+  torch_net,
+  twin_apply,
+  twin_inputs,
+  twin_params,
+)
 
 import lorax_fn as lora_fn
 
@@ -26,54 +38,15 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 K = jax.random.key
-VOCAB, D, HID, OUT = 11, 6, 13, 5
-MODULES = {"embed": "embed", "conv": "conv", "fc1": "fc1", "fc2": "fc2"}
+VOCAB, D, HID, OUT = TWIN_SIZES
+MODULES = TWIN_MODULES
 TARGETS = ("embed", "conv", "fc1", "fc2")
-
-
-class TorchNet(torch.nn.Module):
-  def __init__(self):
-    super().__init__()
-    self.embed = torch.nn.Embedding(VOCAB, D)
-    self.conv = torch.nn.Conv2d(3, D, 3, padding=1)
-    self.fc1 = torch.nn.Linear(D, HID)
-    self.fc2 = torch.nn.Linear(HID, OUT)
-
-  def forward(self, ids, img):
-    t = self.embed(ids).mean(1) + self.conv(img).mean((2, 3))
-    return self.fc2(torch.tanh(self.fc1(t)))
-
-
-class Twin(nn.Module):
-  @nn.compact
-  def __call__(self, ids, img):  # img NHWC
-    t = nn.Embed(VOCAB, D, name="embed")(ids).mean(1)
-    t = t + nn.Conv(D, (3, 3), padding=1, name="conv")(img).mean((1, 2))
-    return nn.Dense(OUT, name="fc2")(jnp.tanh(nn.Dense(HID, name="fc1")(t)))
-
-
-def _torch_base():
-  torch.manual_seed(0)
-  return TorchNet()
-
-
-def _base_params(net):
-  sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
-  return {
-    "embed": {"embedding": jnp.asarray(sd["embed.weight"])},
-    "conv": {
-      "kernel": jnp.asarray(sd["conv.weight"].transpose(2, 3, 1, 0)),
-      "bias": jnp.asarray(sd["conv.bias"]),
-    },
-    "fc1": {"kernel": jnp.asarray(sd["fc1.weight"].T), "bias": jnp.asarray(sd["fc1.bias"])},
-    "fc2": {"kernel": jnp.asarray(sd["fc2.weight"].T), "bias": jnp.asarray(sd["fc2.bias"])},
-  }
 
 
 def _peft_model(seed=3):
   """PEFT's DoRA model with random A, B and magnitudes (B != 0, m != ‖W‖)."""
   config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=list(TARGETS), use_dora=True)
-  model = peft.get_peft_model(_torch_base(), config)
+  model = peft.get_peft_model(torch_net(), config)
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -84,28 +57,11 @@ def _peft_model(seed=3):
   return model.eval()
 
 
-def _torch_factors(model, grads=False, targets=TARGETS):
-  """``{module: (A, B, m)}`` of PEFT's model (or their gradients), in our layouts."""
-  out = {}
-  for name in targets:
-    layer = getattr(model.base_model.model, name)
-    if name == "embed":
-      a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
-    else:
-      a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    m = layer.lora_magnitude_vector["default"].weight
-    a, b, m = ((x.grad if grads else x).detach().numpy().copy() for x in (a, b, m))
-    if name == "conv":  # A (r, in, kh, kw) -> (r, kh, kw, in); B (out, r, 1, 1) -> (r, out)
-      a, b = a.transpose(0, 2, 3, 1), b[:, :, 0, 0]
-    out[name] = (a, b.T, m.reshape(-1))
-  return out
-
-
 def _ours_from(model):
   """Our DoRA params holding PEFT's base weights, factors and magnitudes."""
-  base = _base_params(_torch_base())
+  base = twin_params(torch_net())
   params = lora_fn.wrap(base, rank=3, alpha=5.0, targets=TARGETS, dora=True, key=K(0))
-  for name, (a, b, m) in _torch_factors(model).items():
+  for name, (a, b, m) in peft_dora_factors(model).items():
     kernel = "embedding" if name == "embed" else "kernel"
     leaf = params[name][kernel]
     params[name][kernel] = dataclasses.replace(
@@ -115,27 +71,16 @@ def _ours_from(model):
 
 
 def _inputs():
-  rng = np.random.default_rng(0)
-  ids = rng.integers(0, VOCAB, (7, 4))
-  img = rng.normal(size=(7, 3, 9, 8)).astype(np.float32)
-  proj = rng.normal(size=(7, OUT)).astype(np.float32)
+  ids, img = twin_inputs()
+  proj = np.random.default_rng(1).normal(size=(7, OUT)).astype(np.float32)
   return ids, img, proj
-
-
-def _apply(params, ids, img):
-  return lora_fn.lora(Twin().apply)({"params": params}, jnp.asarray(ids), img.transpose(0, 2, 3, 1))
-
-
-def _theirs(model, ids, img):
-  with torch.no_grad():
-    return model(torch.as_tensor(ids), torch.as_tensor(img)).numpy()
 
 
 def test_initial_magnitudes_are_peft_s():
   config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=list(TARGETS), use_dora=True)
-  fresh = _torch_factors(peft.get_peft_model(_torch_base(), config))
+  fresh = peft_dora_factors(peft.get_peft_model(torch_net(), config))
   params = lora_fn.wrap(
-    _base_params(_torch_base()), rank=3, alpha=5.0, targets=TARGETS, dora=True, key=K(0)
+    twin_params(torch_net()), rank=3, alpha=5.0, targets=TARGETS, dora=True, key=K(0)
   )
   for name in TARGETS:
     leaf = params[name]["embedding" if name == "embed" else "kernel"]
@@ -149,7 +94,7 @@ def test_outputs_and_gradients_equal_peft(jit):
   ids, img, proj = _inputs()
 
   def loss(train, frozen):
-    return jnp.sum(_apply(lora_fn.combine(train, frozen), ids, img) * proj)
+    return jnp.sum(twin_apply(lora_fn.combine(train, frozen), ids, img) * proj)
 
   value_and_grad = jax.value_and_grad(loss)
   if jit:
@@ -160,11 +105,11 @@ def test_outputs_and_gradients_equal_peft(jit):
   theirs = (out * torch.as_tensor(proj)).sum()
   theirs.backward()
   np.testing.assert_allclose(float(ours), theirs.item(), rtol=1e-5)
-  apply = jax.jit(_apply) if jit else _apply
+  apply = jax.jit(twin_apply) if jit else twin_apply
   np.testing.assert_allclose(
     np.asarray(apply(params, ids, img)), out.detach().numpy(), rtol=1e-5, atol=1e-6
   )
-  for name, (ga, gb, gm) in _torch_factors(model, grads=True).items():
+  for name, (ga, gb, gm) in peft_dora_factors(model, grads=True).items():
     leaf = grads[name]["embedding" if name == "embed" else "kernel"]
     assert leaf.w is None  # no gradient is ever formed for W
     assert_trees_close((leaf.a, leaf.b, leaf.m), (ga, gb, gm), rtol=1e-5)
@@ -177,11 +122,11 @@ def test_merge_equals_the_unmerged_model_and_peft_merge_and_unload():
   merged = lora_fn.merge(params)
   np.testing.assert_allclose(
     np.asarray(jax.jit(Twin().apply)({"params": merged}, ids, img.transpose(0, 2, 3, 1))),
-    np.asarray(jax.jit(_apply)(params, ids, img)),
+    np.asarray(jax.jit(twin_apply)(params, ids, img)),
     rtol=1e-5,
     atol=1e-6,
   )
-  theirs = _base_params(model.merge_and_unload())
+  theirs = twin_params(model.merge_and_unload())
   assert_trees_close(merged, theirs, rtol=1e-6)
 
 
@@ -382,20 +327,19 @@ def test_save_peft_writes_use_dora_that_peft_loads(tmp_path):
   tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
   assert tensors["base_model.model.conv.lora_magnitude_vector"].shape == (1, D, 1, 1)
   assert tensors["base_model.model.fc1.lora_magnitude_vector"].shape == (HID,)
-  torch.manual_seed(0)
-  loaded = peft.PeftModel.from_pretrained(TorchNet(), str(tmp_path / "a")).eval()
+  loaded = peft.PeftModel.from_pretrained(torch_net(), str(tmp_path / "a")).eval()
   ids, img, _ = _inputs()
-  np.testing.assert_allclose(_theirs(loaded, ids, img), _theirs(model, ids, img), rtol=1e-6)
+  np.testing.assert_allclose(torch_apply(loaded, ids, img), torch_apply(model, ids, img), rtol=1e-6)
 
 
 def test_load_peft_reads_peft_dora_adapters(tmp_path):
   model = _peft_model()
   model.save_pretrained(str(tmp_path / "p"))
-  params = lora_fn.load_peft(tmp_path / "p", _base_params(_torch_base()), modules=MODULES)
+  params = lora_fn.load_peft(tmp_path / "p", twin_params(torch_net()), modules=MODULES)
   assert params["conv"]["kernel"].dora and params["conv"]["kernel"].m.shape == (D,)
   ids, img, _ = _inputs()
   np.testing.assert_allclose(
-    np.asarray(_apply(params, ids, img)), _theirs(model, ids, img), rtol=1e-5, atol=1e-6
+    np.asarray(twin_apply(params, ids, img)), torch_apply(model, ids, img), rtol=1e-5, atol=1e-6
   )
 
 
@@ -579,4 +523,4 @@ LOAD_ERRORS = [
 def test_load_errors(tmp_path, name, config, tensors, regex):
   _write_peft(tmp_path / "p", config, tensors)
   with pytest.raises(ValueError, match=regex):
-    lora_fn.load_peft(tmp_path / "p", _base_params(TorchNet()), modules=MODULES)
+    lora_fn.load_peft(tmp_path / "p", twin_params(torch_net()), modules=MODULES)

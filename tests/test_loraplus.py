@@ -1,9 +1,10 @@
 """``loraplus`` against PEFT's ``create_loraplus_optimizer``: equal gradients, equal AdamW steps.
 
-The DoRA twin of ``test_dora`` (an Embedding, a Conv2d, Linear layers) plus a fully trained head
-(``modules_to_save``) covers every PEFT group: A factors and the head's kernel, B factors and
-magnitudes, the head's bias (no weight decay), the embedding's adapter, and the Conv2d's
-magnitude, which PyTorch holds as ``(1, out, 1, 1)`` and so groups with A.
+The DoRA twin of ``test_dora`` (``helpers.torch_net``: an Embedding, a Conv2d, Linear layers)
+plus a fully trained head (``modules_to_save``) covers every PEFT group: A factors and the
+head's kernel, B factors and magnitudes, the head's bias (no weight decay), the embedding's
+adapter, and the Conv2d's magnitude, which PyTorch holds as ``(1, out, 1, 1)`` and so groups
+with A.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_close
-from test_dora import _base_params, _torch_base, _torch_factors
+from helpers import assert_trees_close, peft_dora_factors, torch_net, twin_params
 
 import lorax_fn as lora_fn
 
@@ -33,7 +33,7 @@ def _peft_model():
   config = peft.LoraConfig(
     r=3, lora_alpha=5, target_modules=list(TARGETS), modules_to_save=["fc2"], use_dora=True
   )
-  model = peft.get_peft_model(_torch_base(), config)
+  model = peft.get_peft_model(torch_net(), config)
   gen = torch.Generator().manual_seed(1)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -51,7 +51,7 @@ def _head(model, grads=False):
 def _ours(model, grads=False):
   """PEFT's trainable arrays (or their gradients) as our trainable tree."""
   tree = {name: {} for name in ("embed", "conv", "fc1")}
-  for name, (a, b, m) in _torch_factors(model, grads, TARGETS).items():
+  for name, (a, b, m) in peft_dora_factors(model, grads, TARGETS).items():
     kernel = "embedding" if name == "embed" else "kernel"
     tree[name][kernel] = (jnp.asarray(a), jnp.asarray(b), jnp.asarray(m))
   tree["fc2"] = jax.tree.map(jnp.asarray, _head(model, grads))
@@ -73,7 +73,7 @@ def _fill(train, values):
 def test_two_adamw_steps_equal_peft_create_loraplus_optimizer():
   model = _peft_model()
   params = lora_fn.wrap(
-    _base_params(_torch_base()), rank=3, alpha=5.0, targets=TARGETS, dora=True, key=K(0)
+    twin_params(torch_net()), rank=3, alpha=5.0, targets=TARGETS, dora=True, key=K(0)
   )
   train, frozen = lora_fn.split(params, trainable=("fc2",))
   train = _fill(train, _ours(model))

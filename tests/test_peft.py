@@ -15,7 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import randomize
+from helpers import (
+  TWIN_MODULES,
+  TWIN_SIZES,
+  Twin,
+  randomize,
+  torch_apply,
+  torch_net,
+  twin_apply,
+  twin_inputs,
+  twin_params,
+)
 
 import lorax_fn as lora_fn
 
@@ -23,73 +33,16 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 K = jax.random.key
-VOCAB, D, HID, OUT = 11, 6, 13, 5
-MODULES = {"embed": "embed", "conv": "conv", "fc1": "fc1", "fc2": "fc2"}
-
-
-class TorchNet(torch.nn.Module):
-  def __init__(self):
-    super().__init__()
-    self.embed = torch.nn.Embedding(VOCAB, D)
-    self.conv = torch.nn.Conv2d(3, D, 3, padding=1)
-    self.fc1 = torch.nn.Linear(D, HID)
-    self.fc2 = torch.nn.Linear(HID, OUT)
-
-  def forward(self, ids, img):
-    t = self.embed(ids).mean(1) + self.conv(img).mean((2, 3))
-    return self.fc2(torch.nn.functional.gelu(self.fc1(t)))
-
-
-class Twin(nn.Module):
-  @nn.compact
-  def __call__(self, ids, img):  # img NHWC
-    t = nn.Embed(VOCAB, D, name="embed")(ids).mean(1)
-    t = t + nn.Conv(D, (3, 3), padding=1, name="conv")(img).mean((1, 2))
-    return nn.Dense(OUT, name="fc2")(nn.gelu(nn.Dense(HID, name="fc1")(t), approximate=False))
-
-
-def _torch_base(seed=0):
-  torch.manual_seed(seed)
-  return TorchNet().eval()
-
-
-def _flax_params(net):
-  """The twin's params holding the torch model's weights."""
-  sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
-  return {
-    "embed": {"embedding": jnp.asarray(sd["embed.weight"])},
-    "conv": {
-      "kernel": jnp.asarray(sd["conv.weight"].transpose(2, 3, 1, 0)),
-      "bias": jnp.asarray(sd["conv.bias"]),
-    },
-    "fc1": {"kernel": jnp.asarray(sd["fc1.weight"].T), "bias": jnp.asarray(sd["fc1.bias"])},
-    "fc2": {"kernel": jnp.asarray(sd["fc2.weight"].T), "bias": jnp.asarray(sd["fc2.bias"])},
-  }
-
-
-def _inputs():
-  rng = np.random.default_rng(0)
-  ids = rng.integers(0, VOCAB, (7, 4))
-  img = rng.normal(size=(7, 3, 9, 9)).astype(np.float32)
-  return ids, img
-
-
-def _ours(params, ids, img):
-  out = lora_fn.lora(Twin().apply)({"params": params}, jnp.asarray(ids), img.transpose(0, 2, 3, 1))
-  return np.asarray(out)
-
-
-def _theirs(model, ids, img):
-  with torch.no_grad():
-    return model(torch.as_tensor(ids), torch.as_tensor(img)).numpy()
+VOCAB, D, HID, OUT = TWIN_SIZES
+MODULES = TWIN_MODULES
 
 
 def test_twin_matches_the_torch_model():
-  net = _torch_base()
-  ids, img = _inputs()
+  net = torch_net()
+  ids, img = twin_inputs()
   np.testing.assert_allclose(
-    np.asarray(Twin().apply({"params": _flax_params(net)}, ids, img.transpose(0, 2, 3, 1))),
-    _theirs(net, ids, img),
+    np.asarray(Twin().apply({"params": twin_params(net)}, ids, img.transpose(0, 2, 3, 1))),
+    torch_apply(net, ids, img),
     rtol=1e-5,
     atol=1e-5,
   )
@@ -97,9 +50,9 @@ def test_twin_matches_the_torch_model():
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_ours_to_peft(tmp_path, rslora):
-  net = _torch_base()
+  net = torch_net()
   params = lora_fn.wrap(
-    _flax_params(net),
+    twin_params(net),
     rank=4,
     alpha=8.0,
     targets=("embed", "conv", "fc1"),
@@ -118,37 +71,39 @@ def test_ours_to_peft(tmp_path, rslora):
     {"fc1": 3},
   )
   assert config["modules_to_save"] == ["fc2"] and config["use_rslora"] is rslora
-  model = peft.PeftModel.from_pretrained(_torch_base(), str(tmp_path / "a")).eval()
-  ids, img = _inputs()
+  model = peft.PeftModel.from_pretrained(torch_net(), str(tmp_path / "a")).eval()
+  ids, img = twin_inputs()
   np.testing.assert_allclose(
-    _theirs(model, ids, img), _ours(params, ids, img), rtol=1e-5, atol=1e-5
+    torch_apply(model, ids, img), twin_apply(params, ids, img), rtol=1e-5, atol=1e-5
   )
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_trained_biases_round_trip_with_peft(tmp_path, bias):
   # PEFT keeps the bias of a module it adapts as <module>.base_layer.bias.
-  net = _torch_base()
-  params = lora_fn.wrap(_flax_params(net), rank=3, targets=("conv", "fc1"), key=K(0))
+  net = torch_net()
+  params = lora_fn.wrap(twin_params(net), rank=3, targets=("conv", "fc1"), key=K(0))
   params = randomize(params, K(1))
   params["fc1"]["bias"] = params["fc1"]["bias"] + 0.7
   params["conv"]["bias"] = params["conv"]["bias"] - 0.3
   params["fc2"]["bias"] = params["fc2"]["bias"] + 0.2  # trained only with bias="all"
   lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, bias=bias)
-  model = peft.PeftModel.from_pretrained(_torch_base(), str(tmp_path / "a")).eval()
+  model = peft.PeftModel.from_pretrained(torch_net(), str(tmp_path / "a")).eval()
   if bias == "lora_only":
-    params["fc2"]["bias"] = _flax_params(net)["fc2"]["bias"]
-  ids, img = _inputs()
+    params["fc2"]["bias"] = twin_params(net)["fc2"]["bias"]
+  ids, img = twin_inputs()
   np.testing.assert_allclose(
-    _theirs(model, ids, img), _ours(params, ids, img), rtol=1e-5, atol=1e-5
+    torch_apply(model, ids, img), twin_apply(params, ids, img), rtol=1e-5, atol=1e-5
   )
-  back = lora_fn.load_peft(tmp_path / "a", _flax_params(_torch_base()), modules=MODULES)
-  np.testing.assert_allclose(_ours(back, ids, img), _ours(params, ids, img), rtol=1e-6, atol=1e-6)
+  back = lora_fn.load_peft(tmp_path / "a", twin_params(torch_net()), modules=MODULES)
+  np.testing.assert_allclose(
+    twin_apply(back, ids, img), twin_apply(params, ids, img), rtol=1e-6, atol=1e-6
+  )
 
 
 def _peft_adapter(path, **config):
   model = peft.get_peft_model(
-    _torch_base(),
+    torch_net(),
     peft.LoraConfig(
       r=4,
       lora_alpha=8,
@@ -169,31 +124,31 @@ def _peft_adapter(path, **config):
 @pytest.mark.parametrize(
   "config", [{}, {"rank_pattern": {"conv": 2}, "alpha_pattern": {"embed": 5}, "use_rslora": True}]
 )
-def test_peft_to_ours(tmp_path, config):
+def test_peft_totwin_apply(tmp_path, config):
   model = _peft_adapter(tmp_path / "p", **config)
-  params = lora_fn.load_peft(tmp_path / "p", _flax_params(_torch_base()), modules=MODULES)
+  params = lora_fn.load_peft(tmp_path / "p", twin_params(torch_net()), modules=MODULES)
   assert params["conv"]["kernel"].rank == config.get("rank_pattern", {}).get("conv", 4)
-  ids, img = _inputs()
+  ids, img = twin_inputs()
   np.testing.assert_allclose(
-    _ours(params, ids, img), _theirs(model, ids, img), rtol=1e-5, atol=1e-5
+    twin_apply(params, ids, img), torch_apply(model, ids, img), rtol=1e-5, atol=1e-5
   )
   # And back: our export of what we read is PEFT's adapter again.
   lora_fn.save_peft(tmp_path / "again", params, modules=MODULES, trainable=("fc2",))
-  again = peft.PeftModel.from_pretrained(_torch_base(), str(tmp_path / "again")).eval()
+  again = peft.PeftModel.from_pretrained(torch_net(), str(tmp_path / "again")).eval()
   np.testing.assert_allclose(
-    _theirs(again, ids, img), _theirs(model, ids, img), rtol=1e-6, atol=1e-6
+    torch_apply(again, ids, img), torch_apply(model, ids, img), rtol=1e-6, atol=1e-6
   )
 
 
 def test_a_wrapped_model_with_the_adapters_rank_takes_its_factors(tmp_path):
   model = _peft_adapter(tmp_path / "p")
   wrapped = lora_fn.wrap(
-    _flax_params(_torch_base()), rank=4, targets=("embed", "conv", "fc1"), alpha=8.0, key=K(5)
+    twin_params(torch_net()), rank=4, targets=("embed", "conv", "fc1"), alpha=8.0, key=K(5)
   )
   params = lora_fn.load_peft(tmp_path / "p", wrapped, modules=MODULES)
-  ids, img = _inputs()
+  ids, img = twin_inputs()
   np.testing.assert_allclose(
-    _ours(params, ids, img), _theirs(model, ids, img), rtol=1e-5, atol=1e-5
+    twin_apply(params, ids, img), torch_apply(model, ids, img), rtol=1e-5, atol=1e-5
   )
 
 
@@ -251,7 +206,7 @@ def test_scan_stacked_layers_are_one_module_each(tmp_path):
 
 
 def test_serving_problems_name_what_vllm_refuses():
-  base = _flax_params(_torch_base())
+  base = twin_params(torch_net())
   params = lora_fn.wrap(base, rank=4, targets=("conv", "fc1"), rank_pattern={"fc1": 2}, key=K(0))
   problems = lora_fn.serving_problems(params, trainable=("fc2",), bias="all", max_lora_rank=1)
   assert problems == [
@@ -364,11 +319,11 @@ LOAD_ERRORS = [
 def test_load_errors(tmp_path, name, config, tensors, exc, regex):
   _write_peft(tmp_path / "p", config, tensors)
   with pytest.raises(exc, match=regex):
-    lora_fn.load_peft(tmp_path / "p", _flax_params(_torch_base()), modules=MODULES)
+    lora_fn.load_peft(tmp_path / "p", twin_params(torch_net()), modules=MODULES)
 
 
 def test_missing_and_damaged_files_are_named(tmp_path):
-  base = _flax_params(_torch_base())
+  base = twin_params(torch_net())
   with pytest.raises(FileNotFoundError, match=r"PEFT adapter file '.*nowhere/adapter_config.json'"):
     lora_fn.load_peft(tmp_path / "nowhere", base, modules=MODULES)
   _write_peft(tmp_path / "p", LORA, FACTORS)
@@ -384,7 +339,7 @@ def test_missing_and_damaged_files_are_named(tmp_path):
 
 
 def test_save_errors(tmp_path):
-  params = lora_fn.wrap(_flax_params(_torch_base()), rank=2, targets=("fc1", "conv"), key=K(0))
+  params = lora_fn.wrap(twin_params(torch_net()), rank=2, targets=("fc1", "conv"), key=K(0))
   with pytest.raises(ValueError, match=r"modules names no PyTorch module for \['conv'\]"):
     lora_fn.save_peft(tmp_path / "a", params, modules={"fc1": "fc1"})
   with pytest.raises(
@@ -410,7 +365,7 @@ def _two_peft_adapters(path, rank_b):
   """A PEFT model with adapters 'one' (rank 4) and 'two' (rank ``rank_b``), random factors."""
   targets = ["embed", "conv", "fc1"]
   model = peft.get_peft_model(
-    _torch_base(), peft.LoraConfig(r=4, lora_alpha=6, target_modules=targets), adapter_name="one"
+    torch_net(), peft.LoraConfig(r=4, lora_alpha=6, target_modules=targets), adapter_name="one"
   )
   model.add_adapter("two", peft.LoraConfig(r=rank_b, lora_alpha=3, target_modules=targets))
   gen = torch.Generator().manual_seed(5)
@@ -440,15 +395,17 @@ def test_weighted_adapter_matches_peft(tmp_path, method, rank_b, density):
   )
   model.set_adapter("mix")
   model.eval()
-  base = _flax_params(_torch_base())
+  base = twin_params(torch_net())
   ours = [lora_fn.load_peft(tmp_path / "p" / n, base, modules=MODULES) for n in ("one", "two")]
   mixed = lora_fn.weighted_adapter(ours, weights, method=method, density=density)
-  ids, img = _inputs()
-  np.testing.assert_allclose(_ours(mixed, ids, img), _theirs(model, ids, img), rtol=1e-5, atol=1e-5)
+  ids, img = twin_inputs()
+  np.testing.assert_allclose(
+    twin_apply(mixed, ids, img), torch_apply(model, ids, img), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_cat_is_exactly_the_weighted_sum_and_svd_its_best_rank_k_fit():
-  base = _flax_params(_torch_base())
+  base = twin_params(torch_net())
   a = randomize(lora_fn.wrap(base, rank=3, alpha=5.0, targets=("fc1", "conv"), key=K(0)), K(1))
   b = randomize(lora_fn.wrap(base, rank=2, alpha=2.0, targets=("fc1", "conv"), key=K(2)), K(3))
   delta = lambda p: lora_fn.merge(p)["fc1"]["kernel"] - base["fc1"]["kernel"]
@@ -489,7 +446,7 @@ MIX_ERRORS = [
 
 @pytest.mark.parametrize("kwargs, exc, regex", MIX_ERRORS)
 def test_weighted_adapter_errors(kwargs, exc, regex):
-  base = _flax_params(_torch_base())
+  base = twin_params(torch_net())
   ranks = kwargs.pop("ranks", (2, 2))
   adapters = [lora_fn.wrap(base, rank=r, targets=("fc1",), key=K(r)) for r in ranks]
   weights = kwargs.pop("weights", [1.0, 1.0])
@@ -499,7 +456,7 @@ def test_weighted_adapter_errors(kwargs, exc, regex):
 
 def test_load_refuses_two_paths_on_one_module_and_kernels_of_a_transposed_kind(tmp_path):
   _write_peft(tmp_path / "p", LORA, FACTORS)
-  base = _flax_params(_torch_base())
+  base = twin_params(torch_net())
   with pytest.raises(
     ValueError, match=r"modules maps both 'fc1' and 'fc2' to the PyTorch module 'fc1'"
   ):
