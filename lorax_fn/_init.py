@@ -184,27 +184,33 @@ def _lowrank(m: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Arra
 
 
 def loftq_factors(
-  w: jax.Array, view: _View, rank: int, scale: float, iters: int, quant: Mapping[str, Any]
+  w: jax.Array,
+  view: _View,
+  rank: int,
+  scale: float,
+  iters: int,
+  quant: Mapping[str, Any],
+  dtype: Any,
 ) -> tuple[Any, jax.Array, jax.Array]:
-  """LoftQ: ``(QuantLeaf, lora_B, lora_A)`` with ``Q + s·BA`` close to ``w``.
+  """LoftQ: ``(QuantLeaf, a, b)`` (this library's layouts, ``dtype``), ``Q + s·BA`` close to ``w``.
 
   As PEFT's ``loftq_init``: ``Q`` is the NF4 code of ``W - s·BA`` (of ``W`` at first) and
   ``s·BA`` the rank-``r`` SVD of ``W - Q``, ``iters`` times.
   """
-  weight = jnp.asarray(w, jnp.float32)
-  res = weight
+  res = np.asarray(jax.device_get(w)).astype(np.float32)
   for _ in range(iters):
     q = quantize_array(res, "nf4", **quant)
-    b, a, res = _loftq_round(weight, q, view, rank, scale)
-  return dataclasses.replace(q, dtype_name=jnp.dtype(w.dtype).name), b, a
+    a, b, res = _loftq_round(w, q, view, rank, scale, jnp.dtype(dtype))
+  return dataclasses.replace(q, dtype_name=jnp.dtype(w.dtype).name), a, b
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _loftq_round(weight: jax.Array, q: Any, view: _View, rank: int, scale: float):
-  """``s·BA`` the rank-``r`` fit of ``W - Q``, and ``W - s·BA`` for the next round."""
-  target = view.matrix(weight)
+@functools.partial(jax.jit, static_argnums=(2, 3, 5))
+def _loftq_round(w: jax.Array, q: Any, view: _View, rank: int, scale: Any, dtype: Any):
+  """``(a, b)`` of ``s·BA``, the rank-``r`` fit of ``W - Q``, and ``W - s·BA`` for the next
+  round, in one compiled program per kernel shape."""
+  target = view.matrix(w)
   b, a = _lowrank(target - view.matrix(q.dequantize(jnp.float32)), rank, scale)
-  return b, a, view.kernel(target - scale * _mm(b, a))
+  return (*view.factors(b, a, dtype), view.kernel(target - scale * _mm(b, a)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,15 +243,14 @@ def init_base(
     )
   view = _View(tuple(leaf.shape), tuple(roles))
   if init == "loftq":
-    q, b, a = loftq_factors(leaf, view, rank, scale, *loftq)
-    a, b = view.factors(b, a, dtype)
-    return q, a, b
+    return loftq_factors(leaf, view, rank, scale, *loftq, dtype)
   return _residual_init(leaf, key, view, rank, scale, init, jnp.dtype(dtype))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _residual_init(w, key, view: _View, rank: int, scale: float, init: str, dtype: Any):
-  """PiSSA / OLoRA: ``(W - s·BA, a, b)``, one compiled program per kernel shape."""
+@functools.partial(jax.jit, static_argnums=(2, 3, 5, 6))
+def _residual_init(w, key, view: _View, rank: int, scale: Any, init: str, dtype: Any):
+  """PiSSA / OLoRA: ``(W - s·BA, a, b)``, one compiled program per kernel shape (the scale
+  is traced: every alpha and rsLoRA share it)."""
   m = view.matrix(w)
   if init == "olora":
     b, a = olora_matrices(m, rank)

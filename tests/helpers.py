@@ -54,6 +54,19 @@ def randomize(params, key, scale=0.5):
   return jax.tree.map(one, params, is_leaf=lora_fn.is_lora)
 
 
+def randomize_np(params, seed, scale=0.5):
+  """:func:`randomize` with numpy's generator: nothing to compile, for tests that only compare."""
+  rng = np.random.default_rng(seed)
+
+  def one(x):
+    if not lora_fn.is_lora(x):
+      return x
+    a, b = (scale * rng.standard_normal(np.shape(f)) for f in (x.a, x.b))
+    return dataclasses.replace(x, a=np.asarray(a, x.a.dtype), b=np.asarray(b, x.b.dtype))
+
+  return jax.tree.map(one, params, is_leaf=lora_fn.is_lora)
+
+
 def assert_trees_close(actual, expected, rtol=1e-5, atol=0.0):
   """Relative closeness per leaf, relative to the leaf's largest magnitude; names the path."""
   flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]

@@ -21,7 +21,6 @@ import pytest
 from helpers import (
   TWIN_MODULES,
   TWIN_SIZES,
-  Twin,
   assert_trees_close,
   explicit_delta,
   peft_dora_factors,
@@ -41,6 +40,7 @@ K = jax.random.key
 VOCAB, D, HID, OUT = TWIN_SIZES
 MODULES = TWIN_MODULES
 TARGETS = ("embed", "conv", "fc1", "fc2")
+apply_jit = jax.jit(twin_apply)  # one compiled twin for the tests below
 
 
 def _peft_model(seed=3):
@@ -90,25 +90,20 @@ def test_initial_magnitudes_are_peft_s():
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_outputs_and_gradients_equal_peft(jit):
   model = _peft_model()
-  params = _ours_from(model)
+  train, frozen = lora_fn.split(_ours_from(model))
   ids, img, proj = _inputs()
 
-  def loss(train, frozen):
-    return jnp.sum(twin_apply(lora_fn.combine(train, frozen), ids, img) * proj)
+  def loss(train):
+    out = twin_apply(lora_fn.combine(train, frozen), ids, img)
+    return jnp.sum(out * proj), out
 
-  value_and_grad = jax.value_and_grad(loss)
-  if jit:
-    value_and_grad = jax.jit(value_and_grad)
-  train, frozen = lora_fn.split(params)
-  ours, grads = value_and_grad(train, frozen)
+  value_and_grad = jax.value_and_grad(loss, has_aux=True)
+  (value, ours), grads = (jax.jit(value_and_grad) if jit else value_and_grad)(train)
   out = model(torch.as_tensor(ids), torch.as_tensor(img))
   theirs = (out * torch.as_tensor(proj)).sum()
   theirs.backward()
-  np.testing.assert_allclose(float(ours), theirs.item(), rtol=1e-5)
-  apply = jax.jit(twin_apply) if jit else twin_apply
-  np.testing.assert_allclose(
-    np.asarray(apply(params, ids, img)), out.detach().numpy(), rtol=1e-5, atol=1e-6
-  )
+  np.testing.assert_allclose(float(value), theirs.item(), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(ours), out.detach().numpy(), rtol=1e-5, atol=1e-6)
   for name, (ga, gb, gm) in peft_dora_factors(model, grads=True).items():
     leaf = grads[name]["embedding" if name == "embed" else "kernel"]
     assert leaf.w is None  # no gradient is ever formed for W
@@ -119,10 +114,10 @@ def test_merge_equals_the_unmerged_model_and_peft_merge_and_unload():
   model = _peft_model()
   params = _ours_from(model)
   ids, img, _ = _inputs()
-  merged = lora_fn.merge(params)
+  merged = jax.jit(lora_fn.merge)(params)
   np.testing.assert_allclose(
-    np.asarray(jax.jit(Twin().apply)({"params": merged}, ids, img.transpose(0, 2, 3, 1))),
-    np.asarray(jax.jit(twin_apply)(params, ids, img)),
+    np.asarray(apply_jit(merged, ids, img)),
+    np.asarray(apply_jit(params, ids, img)),
     rtol=1e-5,
     atol=1e-6,
   )
@@ -182,7 +177,7 @@ def _with_random_factors(params, rng):
     if not lora_fn.is_lora(x):
       return x
     a, b = (jnp.asarray(0.3 * rng.normal(size=f.shape), jnp.float32) for f in (x.a, x.b))
-    return dataclasses.replace(x, a=a, b=b, m=x.m * 1.2)
+    return dataclasses.replace(x, a=a, b=b, m=jnp.asarray(np.asarray(x.m) * 1.2))
 
   return jax.tree.map(one, params, is_leaf=lora_fn.is_lora)
 
@@ -218,21 +213,25 @@ def test_dense_general_kernels_in_a_scanned_stack_equal_the_explicit_formula():
   assert params["blocks"]["query"]["kernel"].m.shape == (2, 2, 5)  # (stack, heads, head_dim)
   assert params["blocks"]["out"]["kernel"].m.shape == (2, 7)
   apply = lora_fn.lora(Attention().apply)
+  ours = jax.value_and_grad(
+    lambda train, frozen: jnp.sum(jnp.sin(apply({"params": lora_fn.combine(train, frozen)}, x)))
+  )
+  explicit = jax.value_and_grad(
+    lambda train, frozen: jnp.sum(
+      jnp.sin(Attention().apply({"params": _explicit(lora_fn.combine(train, frozen))}, x))
+    )
+  )
 
-  @jax.jit
-  @jax.value_and_grad
-  def ours(train, frozen):
-    return jnp.sum(jnp.sin(apply({"params": lora_fn.combine(train, frozen)}, x)))
+  @jax.jit  # one program for both sides and both merges
+  def both(params):
+    train, frozen = lora_fn.split(params)
+    return (ours(train, frozen), lora_fn.merge(params)), (
+      explicit(train, frozen),
+      _explicit(params),
+    )
 
-  @jax.jit
-  @jax.value_and_grad
-  def explicit(train, frozen):
-    merged = _explicit(lora_fn.combine(train, frozen))
-    return jnp.sum(jnp.sin(Attention().apply({"params": merged}, x)))
-
-  train, frozen = lora_fn.split(params)
-  assert_trees_close(ours(train, frozen), explicit(train, frozen), rtol=1e-5)
-  assert_trees_close(jax.jit(lora_fn.merge)(params), jax.jit(_explicit)(params), rtol=1e-5)
+  got, want = both(params)
+  assert_trees_close(got, want, rtol=1e-5)
 
 
 def test_a_kernel_used_transposed_is_materialised_with_its_magnitude():
@@ -243,7 +242,7 @@ def test_a_kernel_used_transposed_is_materialised_with_its_magnitude():
   x = jnp.ones((3, 7))
   with pytest.warns(lora_fn.MaterializeWarning, match="dot_general"):
     y = jax.jit(lora_fn.lora(lambda p, x: x @ p["w"].T))(params, x)  # contracts "out"
-  np.testing.assert_allclose(y, x @ explicit_dora(params["w"]).T, rtol=1e-5)
+  np.testing.assert_allclose(y, x @ jax.jit(explicit_dora)(params["w"]).T, rtol=1e-5)
 
 
 def test_with_dropout_the_base_is_not_dropped():
@@ -251,7 +250,7 @@ def test_with_dropout_the_base_is_not_dropped():
   w = jnp.asarray(np.random.default_rng(2).normal(size=(5, 7)), jnp.float32)
   params = lora_fn.wrap({"w": w}, rank=2, targets=("w",), dora=True, dropout=0.5, key=K(0))
   x = jnp.asarray(np.random.default_rng(3).normal(size=(3, 5)), jnp.float32)
-  y = lora_fn.lora(lambda p, x: x @ p["w"])(params, x, dropout_key=K(1))
+  y = jax.jit(lora_fn.lora(lambda p, x: x @ p["w"]))(params, x, dropout_key=K(1))
   np.testing.assert_allclose(y, x @ w, rtol=1e-6, atol=1e-6)
 
 
@@ -281,11 +280,15 @@ def test_an_nf4_base_trains():
   quant = lora_fn.quantize(base, "nf4", targets=("fc",), block_size=32)
   params = lora_fn.wrap(quant, rank=2, targets=("fc",), layouts=layouts, dora=True, key=K(2))
   leaf = params["blocks"]["fc"]["kernel"]
-  np.testing.assert_allclose(leaf.m, jnp.linalg.norm(leaf.w.dequantize(), axis=1), rtol=1e-6)
   apply = lora_fn.lora(Mlp().apply)
-  ours, merged = jax.jit(
-    lambda p, q: (apply({"params": p}, x), Mlp().apply({"params": lora_fn.merge(q)}, x))
+  norms, ours, merged = jax.jit(
+    lambda p, q: (
+      jnp.linalg.norm(p["blocks"]["fc"]["kernel"].w.dequantize(), axis=1),
+      apply({"params": p}, x),
+      Mlp().apply({"params": lora_fn.merge(q)}, x),
+    )
   )(params, quant)
+  np.testing.assert_allclose(leaf.m, norms, rtol=1e-6)
   np.testing.assert_allclose(ours, merged, rtol=1e-5, atol=1e-6)  # the quantised base's model
   tx = lora_fn.optimizer(optax.adam(3e-2), params)
   state = tx.init(params)
@@ -339,7 +342,7 @@ def test_load_peft_reads_peft_dora_adapters(tmp_path):
   assert params["conv"]["kernel"].dora and params["conv"]["kernel"].m.shape == (D,)
   ids, img, _ = _inputs()
   np.testing.assert_allclose(
-    np.asarray(twin_apply(params, ids, img)), torch_apply(model, ids, img), rtol=1e-5, atol=1e-6
+    np.asarray(apply_jit(params, ids, img)), torch_apply(model, ids, img), rtol=1e-5, atol=1e-6
   )
 
 

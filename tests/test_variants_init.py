@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import randomize
+from helpers import randomize_np
 
 import lorax_fn as lora_fn
 from lorax_fn import _init
@@ -59,6 +59,9 @@ def model(params, x):
 
 X = np.random.default_rng(0).normal(size=(5, D)).astype(np.float32)
 ours = jax.jit(lora_fn.lora(model))
+merge = jax.jit(lora_fn.merge)  # compiled, not op by op: the tests compare values only
+merged32 = jax.jit(lambda leaf: leaf.merged(jnp.float32))
+dequantize = jax.jit(lambda q: q.dequantize(jnp.float32))
 
 
 def _theirs(net, x=X):
@@ -136,13 +139,11 @@ def test_merge_and_unwrap(init):
   ba = lambda x: np.asarray(x.a).T @ np.asarray(x.b)  # numpy: no compilation in the test
   np.testing.assert_allclose(residual, np.asarray(base["fc1"]["kernel"]) - s * ba(leaf), atol=1e-6)
   # merge before training is the original kernel; after, the fine-tuned one.
-  np.testing.assert_allclose(
-    lora_fn.merge(params)["fc1"]["kernel"], base["fc1"]["kernel"], atol=1e-6
-  )
-  trained = randomize(params, K(1), scale=0.1)
+  np.testing.assert_allclose(merge(params)["fc1"]["kernel"], base["fc1"]["kernel"], atol=1e-6)
+  trained = randomize_np(params, 1, scale=0.1)
   t = trained["fc1"]["kernel"]
   np.testing.assert_allclose(
-    lora_fn.merge(trained)["fc1"]["kernel"], np.asarray(residual) + s * ba(t), atol=1e-6
+    merge(trained)["fc1"]["kernel"], np.asarray(residual) + s * ba(t), atol=1e-6
   )
 
 
@@ -160,9 +161,9 @@ def test_stacked_and_nd_kernels_are_per_layer_matrices():
   )
   stacked = params["layers"]["kernel"]
   for i in range(2):
-    w = np.asarray(base["layers"]["kernel"][i]).T  # (out, in)
+    w = np.asarray(base["layers"]["kernel"])[i].T  # (out, in)
     u, s, vh = np.linalg.svd(w)
-    a = np.asarray(stacked.a[i])
+    a = np.asarray(stacked.a)[i]
     sign = _signs(a, np.sqrt(s[:2])[:, None] * vh[:2])
     np.testing.assert_allclose(a * sign[:, None], np.sqrt(s[:2])[:, None] * vh[:2], atol=1e-5)
   q = params["query"]["kernel"]
@@ -172,7 +173,7 @@ def test_stacked_and_nd_kernels_are_per_layer_matrices():
   np.testing.assert_allclose(
     np.asarray(q.b).reshape(2, 12).T @ np.asarray(q.a), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5
   )
-  merged = lora_fn.merge(params)
+  merged = merge(params)
   for m in base:
     np.testing.assert_allclose(merged[m]["kernel"], base[m]["kernel"], atol=1e-5)
 
@@ -183,7 +184,7 @@ def test_bf16_base_keeps_float32_factors():
   leaf = params["fc1"]["kernel"]
   assert (leaf.w.dtype, leaf.a.dtype, leaf.b.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
   np.testing.assert_allclose(
-    np.asarray(leaf.merged(jnp.float32)), np.asarray(base["fc1"]["kernel"], np.float32), atol=1e-2
+    np.asarray(merged32(leaf)), np.asarray(base["fc1"]["kernel"], np.float32), atol=1e-2
   )
 
 
@@ -216,7 +217,7 @@ def test_pissa_niter_is_reproducible_with_a_key_and_near_the_exact_svd():
   assert not np.array_equal(leaf.a, other.a)
   delta = lambda x: np.asarray(x.a).T @ np.asarray(x.b)
   np.testing.assert_allclose(delta(leaf), delta(wrap("pissa", K(0))), atol=1e-4)
-  np.testing.assert_allclose(leaf.merged(), base["fc"]["kernel"], atol=1e-6)
+  np.testing.assert_allclose(merged32(leaf), base["fc"]["kernel"], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
@@ -260,15 +261,20 @@ def test_a_training_step_equals_peft(init):
   opt.step()
   # Ours
   trainable, frozen = lora_fn.split(params)
-  loss_fn = lambda t: jnp.mean((ours(lora_fn.combine(t, frozen), X) - y) ** 2)
-  grads = jax.grad(loss_fn)(trainable)
+
+  @jax.jit  # the gradients, an SGD step and the outputs after it: one program
+  def step(trainable):
+    loss_fn = lambda t: jnp.mean((ours(lora_fn.combine(t, frozen), X) - y) ** 2)
+    grads = jax.grad(loss_fn)(trainable)
+    trainable = jax.tree.map(lambda p, g: p - lr * g, trainable, grads)
+    return grads, ours(lora_fn.combine(trainable, frozen), X)
+
+  grads, after = step(trainable)
   for m in ("fc1", "fc2"):
     g = grads[m]["kernel"]
     np.testing.assert_allclose(g.a, grads_ref[m][0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(g.b).T, grads_ref[m][1], rtol=1e-5, atol=1e-6)
-  trainable = jax.tree.map(lambda p, g: p - lr * g, trainable, grads)
-  after = lora_fn.combine(trainable, frozen)
-  np.testing.assert_allclose(np.asarray(ours(after, X)), _theirs(pm), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(after), _theirs(pm), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
@@ -287,7 +293,7 @@ def test_export_is_a_plain_rank_2r_lora_on_the_original_base(tmp_path, init, rsl
     init=init,
     key=K(0),
   )
-  trained = randomize(params0, K(1), scale=0.3)  # "training" moved the factors
+  trained = randomize_np(params0, 1, scale=0.3)  # "training" moved the factors
   initial = lora_fn.split(params0)[0]  # the trainable half is enough
   lora_fn.save_peft(tmp_path / "a", trained, modules=MODULES, initial=initial)
   config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -303,8 +309,8 @@ def test_export_is_a_plain_rank_2r_lora_on_the_original_base(tmp_path, init, rsl
 
 
 def test_export_with_residual_base_is_relative_to_the_residual_base(tmp_path):
-  params = randomize(
-    lora_fn.wrap(_params(_net()), rank=R, targets=("fc1", "fc2"), init="pissa", key=K(0)), K(1)
+  params = randomize_np(
+    lora_fn.wrap(_params(_net()), rank=R, targets=("fc1", "fc2"), init="pissa", key=K(0)), 1
   )
   assert params["fc1"]["kernel"].base_init == "pissa"
   lora_fn.save_peft(tmp_path / "a", params, modules=MODULES, residual_base=True)
@@ -377,13 +383,13 @@ def test_loftq_beats_plain_nf4_and_improves_with_iterations():
   w = _kernel()
   base = {"fc": {"kernel": w}}
   error = jax.jit(lambda q: jnp.linalg.norm(w - q))
-  plain = float(error(lora_fn.quantize(base, "nf4", targets=("fc",))["fc"]["kernel"].dequantize()))
+  plain = float(error(dequantize(lora_fn.quantize(base, "nf4", targets=("fc",))["fc"]["kernel"])))
   errors = []
   for iters in (1, 4):
     p = lora_fn.wrap(base, rank=8, targets=("fc",), init="loftq", loftq_iter=iters, key=K(0))
     leaf = p["fc"]["kernel"]
     assert lora_fn.is_quant(leaf.w) and leaf.w.kind == "nf4"
-    errors.append(float(error(jax.jit(lambda x: x.merged(jnp.float32))(leaf))))
+    errors.append(float(error(merged32(leaf))))
   print(
     f"\nLoftQ ||W - (Q + sBA)||_F / ||W - NF4(W)||_F, r=8, 64x48: "
     f"{', '.join(f'{i} iter {e / plain:.4f}' for i, e in zip((1, 4), errors, strict=True))}"
@@ -426,8 +432,8 @@ def test_loftq_equals_peft_loftq_with_bitsandbytes(iters):
   )
   leaf = p["fc"]["kernel"]
   if iters == 1:  # bit for bit; after that torch's and LAPACK's SVDs differ in the last bits
-    np.testing.assert_array_equal(np.asarray(leaf.w.dequantize()).T, deq.numpy())
-  np.testing.assert_allclose(np.asarray(leaf.w.dequantize()).T, deq.numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(dequantize(leaf.w)).T, deq.numpy())
+  np.testing.assert_allclose(np.asarray(dequantize(leaf.w)).T, deq.numpy(), rtol=1e-5)
   a, b = np.asarray(leaf.a), np.asarray(leaf.b).T
   sign = _signs(a, out["R"].numpy())
   atol = 1e-4  # the residual's spectrum is flat: its singular vectors are ill-conditioned
@@ -467,10 +473,10 @@ def test_loftq_scales_factors_by_alpha():
   # PEFT's LoftQ leaves the scale out (peft#1982); ours fits s·BA whatever alpha is.
   base = {"fc": {"kernel": _kernel()}}
   merged = [
-    lora_fn.wrap(base, rank=8, alpha=alpha, targets=("fc",), init="loftq", key=K(0))["fc"][
-      "kernel"
-    ].merged(jnp.float32)
-    for alpha in (8.0, 32.0)
+    merged32(
+      lora_fn.wrap(base, rank=8, alpha=a, targets=("fc",), init="loftq", key=K(0))["fc"]["kernel"]
+    )
+    for a in (8.0, 32.0)
   ]
   np.testing.assert_allclose(merged[0], merged[1], atol=1e-5)
 
@@ -603,4 +609,4 @@ def test_copy_of_a_wrapped_tree_is_a_valid_initial(tmp_path):
   # JAX arrays are immutable: keeping the tree wrap returned costs only its factors.
   params0 = lora_fn.wrap(_params(_net()), rank=R, targets=("fc1",), init="olora", key=K(0))
   initial = copy.copy(params0)
-  lora_fn.save_peft(tmp_path / "a", randomize(params0, K(2)), modules=MODULES, initial=initial)
+  lora_fn.save_peft(tmp_path / "a", randomize_np(params0, 2), modules=MODULES, initial=initial)
