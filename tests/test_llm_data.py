@@ -481,6 +481,16 @@ def test_offline_corpus_is_real_deterministic_and_held_out(tmp_path):
   pretrain = [r["text"] for r in read(corpus.pretrain)]
   train, evaluation = read(corpus.train), read(corpus.eval)
   assert corpus.num_pretrain == len(pretrain) > 2500 and len(train) == 200 and len(evaluation) == 50
+  assert corpus.num_copies == 0
+  # Copy rows: a quarter of the sentences again, each as sentence, newline, sentence, at the end.
+  doubled = text_corpus.build_offline_corpus(
+    str(tmp_path / "c"), seed=0, n_train=200, n_eval=50, copies=0.25
+  )
+  rows = [r["text"] for r in read(doubled.pretrain)]
+  assert rows[: len(pretrain)] == pretrain and doubled.num_pretrain == len(rows)
+  assert doubled.num_copies == len(rows) - len(pretrain) == round(0.25 * len(pretrain))
+  halves = [row.split("\n") for row in rows[len(pretrain) :]]
+  assert all(len(h) == 2 and h[0] == h[1] and h[0] in pretrain for h in halves)
   words = " ".join(pretrain).lower().split()
   assert len(set(words)) > 3000 and {"the", "function", "returns", "object"} <= set(words)
   held_out = {r["output"] for r in train + evaluation}

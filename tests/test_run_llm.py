@@ -16,10 +16,12 @@ import decoder_model
 import jax
 import jax.numpy as jnp
 import llm_data
+import llm_offline
 import numpy as np
 import optax
 import pytest
 import run_llm
+import text_corpus
 from errors import ConfigError
 from helpers import randomize
 from test_run import _assert_user_error as assert_user_error
@@ -104,6 +106,8 @@ def test_tiny_offline_run_trains_evaluates_and_exports(runs):
   assert len(losses) == 14
   assert np.mean(losses[-3:]) < np.mean(losses[:3])
   assert "trainable params:" in full.stdout and "pre-trained the base" in full.stdout
+  assert "5 steps on random copy rows, then 15 on" in full.stdout
+  assert re.search(r"nats per token on the first half, \d+\.\d+ on the copy", full.stdout)
   assert re.search(r"CER on 8 held-out examples: copy_input 0\.\d+, base_prompted", full.stdout)
   results = _results(workdir)
   scores = results["eval"]
@@ -112,6 +116,19 @@ def test_tiny_offline_run_trains_evaluates_and_exports(runs):
   assert set(results["baselines"]) == {"copy_input", "base_prompted"}
   assert 0 < results["baselines"]["copy_input"]["cer"] < 0.3  # a few injected errors
   assert [r["step"] for r in records if r["split"] == "eval"] == [4, 8, 12, 14]
+  with open(workdir / "generations.jsonl") as f:
+    generations = [json.loads(line) for line in f]
+  with open(workdir / "corpus" / "eval.jsonl") as f:
+    pairs = [json.loads(line) for line in f]
+  assert [g["line"] for g in generations] == list(range(1, 9))
+  assert [(g["input"], g["reference"]) for g in generations] == [
+    (p["input"], p["output"]) for p in pairs[:8]
+  ]
+  cers = [text_corpus.cer([g["prediction"]], [g["reference"]]) for g in generations]
+  assert [g["cer"] for g in generations] == cers
+  total = sum(c * len(g["reference"]) for c, g in zip(cers, generations, strict=True))
+  assert np.isclose(total / sum(len(g["reference"]) for g in generations), scores["cer"])
+  assert f"  generated  {generations[0]['prediction']}" in full.stdout
   assert os.listdir(workdir / "tb") and os.path.getsize(workdir / "curves.png") > 1000
   assert _final_arrays(workdir)[0] == 14
   with open(workdir / "peft" / "adapter_config.json") as f:
@@ -137,12 +154,36 @@ def test_killed_run_resumes_from_its_checkpoint_bit_identical(runs):
   assert _results(root / "killed") == _results(root / "full")
 
 
+class _CopyOracle:
+  """Predicts, with certainty, the token ``offset`` places back of the next one; else uniform."""
+
+  @staticmethod
+  def apply(offsets, ids):
+    source = jnp.arange(ids.shape[1]) + 1 - offsets[:, None]
+    copied = jnp.take_along_axis(ids, jnp.maximum(source, 0), axis=1)
+    return 40.0 * jax.nn.one_hot(copied, 8) * (source >= 0)[..., None]
+
+
+def test_copy_losses_score_the_first_half_and_the_copy_apart():
+  sentences, separator = [[4, 5, 6], [3, 7, 5, 6, 2]], [1, 1]
+  offsets = jnp.array([len(s) + len(separator) for s in sentences])
+  first, copied = llm_offline.copy_losses(_CopyOracle, offsets, sentences, separator)
+  np.testing.assert_allclose(first, np.log(8), rtol=1e-6)  # nothing to copy yet: uniform
+  assert copied < 1e-6  # padding (token 0, never predicted) would count ~40 nats
+
+
 @pytest.mark.parametrize(
   ("name", "change", "match"),
   [
     ("unknown key", lambda c: c.lora.__setitem__("rnak", 4), r"config\.lora\.rnak is no key"),
     ("bad value", lambda c: c.optim.__setitem__("accumulate_steps", 0), r"accumulate_steps must"),
     ("bad size", lambda c: c.model.pretrain.__setitem__("num_kv_heads", 3), r"must divide"),
+    (
+      "copy steps",
+      lambda c: c.model.pretrain.__setitem__("copy_steps", 20),
+      r"copy_steps \(20\) must be under steps \(20\)",
+    ),
+    ("copy share", lambda c: c.model.pretrain.__setitem__("copy_share", 1.5), r"copy_share must"),
     ("pretrain on a hub model", lambda c: c.model.__setitem__("source", "org/x"), r"only read"),
   ],
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -112,3 +113,44 @@ def copy_inputs(path: str, examples: Sequence[llm_data.Example]) -> list[str] | 
       return None
     inputs.append(value.strip())
   return inputs
+
+
+def write_generations(
+  path: str, records_path: str, examples: Sequence[llm_data.Example], predictions: Sequence[str]
+) -> str:
+  """Writes one JSON line per scored example: its line, input, prediction, reference and CER.
+
+  ``input`` is the record's ``input`` field (instruction records) or, for other formats,
+  ``None``. Written atomically (a temporary file, then a rename); returns ``path``.
+  """
+  with open(records_path, encoding="utf-8") as f:
+    lines = f.readlines()
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for e, prediction in zip(examples, predictions, strict=True):
+      source = json.loads(lines[e.line - 1])
+      reference = e.response.strip()
+      record = {
+        "line": e.line,
+        "input": source.get("input") if isinstance(source, dict) else None,
+        "prediction": prediction,
+        "reference": reference,
+        "cer": text_corpus.cer([prediction], [reference]) if reference else None,
+      }
+      f.write(json.dumps(record) + "\n")
+  os.replace(tmp, path)
+  return path
+
+
+def samples(path: str, count: int) -> list[str]:
+  """The first ``count`` records of a generations file, each as a few readable lines."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for line in f.readlines()[:count]:
+      r = json.loads(line)
+      shown = [f"line {r['line']} (CER {r['cer']:.3f}):" if r["cer"] is not None else "line:"]
+      if r["input"] is not None:
+        shown.append(f"  input      {r['input']}")
+      shown += [f"  generated  {r['prediction']}", f"  reference  {r['reference']}"]
+      out.append("\n".join(shown))
+  return out

@@ -34,6 +34,8 @@ _PRETRAIN = dict.fromkeys(
     "seq_len",
     "vocab_size",
     "steps",
+    "copy_steps",
+    "copy_share",
     "batch_size",
     "lr",
     "task_train",
@@ -162,8 +164,16 @@ def _check_pretrain(config: Any, problems: v.Problems) -> None:
     problems.append(f"config.model.pretrain is missing (the sizes of the {OFFLINE!r} base)")
     return
   for key in _PRETRAIN:
-    if key not in ("lr", "error_rate"):
+    if key not in ("lr", "error_rate", "copy_share", "copy_steps"):
       v._int_at_least(config, problems, f"model.pretrain.{key}", 1)
+  v._int_at_least(config, problems, "model.pretrain.copy_steps", 0)
+  v._require(
+    config,
+    problems,
+    "model.pretrain.copy_share",
+    "in [0, 1]",
+    lambda x: v._is_number(x) and 0 <= x <= 1,
+  )
   v._require(
     config, problems, "model.pretrain.lr", "a number > 0", lambda x: v._is_number(x) and x > 0
   )
@@ -175,6 +185,12 @@ def _check_pretrain(config: Any, problems: v.Problems) -> None:
     lambda x: v._is_number(x) and 0 < x <= 1,
   )
   get = lambda k: v._get(config, f"model.pretrain.{k}")
+  steps, copy_steps = get("steps"), get("copy_steps")
+  if all(v._is_int(x) for x in (steps, copy_steps)) and copy_steps >= steps:
+    problems.append(
+      f"config.model.pretrain.copy_steps ({copy_steps}) must be under steps ({steps}): the "
+      "steps after them pre-train on text"
+    )
   hidden, heads, kv, vocab = (
     get("hidden_size"),
     get("num_heads"),

@@ -199,7 +199,8 @@ def train_and_evaluate(config: Any) -> dict[str, Any]:
     end exact match and CER of greedy generations); ``baselines`` (CER of copying the input
     and of the base prompted alone, with ``eval.baselines``); ``train_loss`` (``(step,
     loss)`` pairs); ``curves``; ``peft`` (the PEFT directory, with ``export_peft``);
-    ``seconds`` (wall time of the whole call).
+    ``generations`` (``workdir/generations.jsonl``: each scored example's input, greedy
+    generation, reference and CER); ``seconds`` (wall time of the whole call).
 
   Raises:
     ConfigError: a mistake in the config, or a library ``ValueError`` while setting up.
@@ -335,7 +336,7 @@ def train_and_evaluate(config: Any) -> dict[str, Any]:
   pending: list[tuple[int, jax.Array]] = []
   history: list[tuple[int, float]] = []
   tokens, t0 = 0, time.perf_counter()
-  step, interrupted, scores = start, False, {}
+  step, interrupted, scores, texts = start, False, {}, []
   with run.StopSignals() as signals, contextlib.closing(ckpts), contextlib.closing(bar):
     for step in range(start + 1, total_steps + 1):
       batch, weight = next(batches)
@@ -359,7 +360,8 @@ def train_and_evaluate(config: Any) -> dict[str, Any]:
         params = lora_fn.combine(state["trainable"], frozen)
         scores = llm_eval.heldout_loss(eval_loss, params, eval_batches, put)
         if step == total_steps:
-          scores |= generation_scores(params)[0]
+          generated, texts = generation_scores(params)
+          scores |= generated
         log.scalars(step, "eval", scores)
         shown = ", ".join(f"{k_}: {v:.4f}" for k_, v in scores.items() if k_ != "tokens")
         bar.write(f"step {step}: eval {shown}")
@@ -378,6 +380,7 @@ def train_and_evaluate(config: Any) -> dict[str, Any]:
     "train_loss": history,
     "curves": None,
     "peft": None,
+    "generations": None,
     "params": params,
     "seconds": None,
   }
@@ -399,6 +402,11 @@ def train_and_evaluate(config: Any) -> dict[str, Any]:
     )
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump({"eval": scores, "baselines": baselines, "step": step}, f, indent=2)
+    result["generations"] = llm_eval.write_generations(
+      os.path.join(workdir, "generations.jsonl"), eval_path, gen_examples, texts
+    )
+    for record in llm_eval.samples(result["generations"], 3):
+      print(record)
   result["seconds"] = time.perf_counter() - t_start
   return result
 

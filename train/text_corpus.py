@@ -184,6 +184,7 @@ class OfflineCorpus:
     eval: JSONL correction pairs of other held-out sentences.
     tokenizer: a tokenizer directory for ``AutoTokenizer.from_pretrained``.
     num_pretrain: how many pre-training rows.
+    num_copies: how many of them are copy rows (the last ones).
   """
 
   pretrain: str
@@ -191,6 +192,7 @@ class OfflineCorpus:
   eval: str
   tokenizer: str
   num_pretrain: int
+  num_copies: int = 0
 
 
 def build_offline_corpus(
@@ -258,7 +260,9 @@ def build_offline_corpus(
   _write_jsonl(paths["eval"], pairs[n_train:])
   tokenizer = os.path.join(workdir, "tokenizer")
   build_tokenizer(pretrain, tokenizer, vocab_size=vocab_size)
-  return OfflineCorpus(**paths, tokenizer=tokenizer, num_pretrain=len(rows))
+  return OfflineCorpus(
+    **paths, tokenizer=tokenizer, num_pretrain=len(rows), num_copies=len(rows) - len(pretrain)
+  )
 
 
 def _write_jsonl(path: str, records: Sequence[dict[str, str]]) -> None:
