@@ -11,15 +11,17 @@ Both the corpus and the base are cached by their settings, so a rerun or a resum
 Pre-training is next-token prediction, every weight trained, in two phases:
 
 1. ``copy_steps`` steps on *copy rows* of random tokens (a random sequence, a newline, the
-   same sequence again): the second half is predictable only by looking back and copying, so the
-   model forms induction heads (attend to the token after the previous occurrence of the current
-   one, and copy it). On natural text alone a model this small does not form them in minutes
-   (measured, README); on random copy rows it does within a few hundred steps.
+   same sequence again): the second half is predictable only by copying, so the model learns
+   to copy within a few hundred steps. On natural text alone a model this small does not learn
+   it in minutes (measured, README).
 2. The remaining steps on the documentation's sentences, ``copy_share`` of them also written as
-   copy rows, so the induction heads carry over to real text while the model learns its words.
+   copy rows, so the copying carries over to real text while the model learns its words.
 
-Rewriting a misspelt sentence is mostly copying it: a base that copies gives the tuning something
-to build on. No phase sees a held-out sentence, an error or the instruction.
+The copying learnt this way is positional (it copies text that starts its row; measured in the
+README, the LLM job), not content-based induction: the tuning has to move it to where the
+task's input sits, which some seeds do and others do not. Rewriting a misspelt sentence is
+mostly copying it, so a base that copies gives the tuning something to build on. No phase sees a
+held-out sentence, an error or the instruction.
 """
 
 from __future__ import annotations

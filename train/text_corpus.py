@@ -222,7 +222,7 @@ def build_offline_corpus(
     max_chars: the longest held-out sentence.
     copies: the share of pre-training sentences also written as a copy row, the sentence, a
       newline and the same sentence again (``COPY_SEPARATOR``): language modelling that rewards
-      looking back and copying (induction), a generic skill a prompted task builds on. These
+      looking back and copying, a generic skill a prompted task builds on. These
       rows follow the plain ones; none is a held-out sentence.
 
   Returns:
