@@ -472,10 +472,11 @@ def test_lora_unmerged_generation_equals_merged():
   apply = lora_fn.lora(model.apply)
   ids = jnp.asarray(_ids((2, 9)))
   merged = lora_fn.merge(wrapped)
-  np.testing.assert_allclose(
+  np.testing.assert_allclose(  # float32: W·x + s·B(A·x) and (W + s·BA)·x round apart
     _lora_apply(model)({"params": wrapped}, ids),
     _jit(model.apply)({"params": merged}, ids),
-    atol=1e-5,
+    rtol=1e-5,
+    atol=3e-5,
   )
   got = dm.generate(model, {"params": wrapped}, PROMPTS, max_new_tokens=NEW, apply_fn=apply)
   want = dm.generate(model, {"params": merged}, PROMPTS, max_new_tokens=NEW)
