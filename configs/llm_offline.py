@@ -18,8 +18,8 @@ import runpy
 
 import ml_collections
 
-# The Qwen2 grammar config is the base; loaded by path, as --config loads this file.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The Qwen2 grammar config is the base; loaded by path, as --config loads this file.
 _BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen2_grammar.py"))
 
 
