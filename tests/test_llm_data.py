@@ -482,7 +482,8 @@ def test_offline_corpus_is_real_deterministic_and_held_out(tmp_path):
   train, evaluation = read(corpus.train), read(corpus.eval)
   assert corpus.num_pretrain == len(pretrain) > 2500 and len(train) == 200 and len(evaluation) == 50
   assert corpus.num_copies == 0
-  # Copy rows: a quarter of the sentences again, each as sentence, newline, sentence, at the end.
+  # Copy rows: a quarter of the sentences again, at the end, each after another sentence:
+  # "other sentence, newline, sentence".
   doubled = text_corpus.build_offline_corpus(
     str(tmp_path / "c"), seed=0, n_train=200, n_eval=50, copies=0.25
   )
@@ -490,7 +491,10 @@ def test_offline_corpus_is_real_deterministic_and_held_out(tmp_path):
   assert rows[: len(pretrain)] == pretrain and doubled.num_pretrain == len(rows)
   assert doubled.num_copies == len(rows) - len(pretrain) == round(0.25 * len(pretrain))
   halves = [row.split("\n") for row in rows[len(pretrain) :]]
-  assert all(len(h) == 2 and h[0] == h[1] and h[0] in pretrain for h in halves)
+  sentences = set(pretrain)
+  for first, copy in halves:
+    assert copy in sentences and first.endswith(" " + copy)
+    assert first[: -len(copy) - 1] in sentences  # what comes before: another whole sentence
   words = " ".join(pretrain).lower().split()
   assert len(set(words)) > 3000 and {"the", "function", "returns", "object"} <= set(words)
   held_out = {r["output"] for r in train + evaluation}

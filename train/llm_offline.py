@@ -10,18 +10,19 @@ Both the corpus and the base are cached by their settings, so a rerun or a resum
 
 Pre-training is next-token prediction, every weight trained, in two phases:
 
-1. ``copy_steps`` steps on *copy rows* of random tokens (a random sequence, a newline, the
-   same sequence again): the second half is predictable only by copying, so the model learns
-   to copy within a few hundred steps. On natural text alone a model this small does not learn
-   it in minutes (measured, README).
+1. ``copy_steps`` steps on *copy rows* of random tokens (a random prefix, a random sequence, a
+   newline, the same sequence again): the second half is predictable only by copying, and the
+   prefix moves the sequence away from the row's start, so copying by position alone does not
+   work; copying forms in about a thousand steps.
 2. The remaining steps on the documentation's sentences, ``copy_share`` of them also written as
-   copy rows, so the copying carries over to real text while the model learns its words.
+   copy rows (another sentence, the sentence, a newline, the sentence again), so the copying
+   carries over to real text while the model learns its words.
 
-The copying learnt this way is positional (it copies text that starts its row; measured in the
-README, the LLM job), not content-based induction: the tuning has to move it to where the
-task's input sits, which some seeds do and others do not. Rewriting a misspelt sentence is
-mostly copying it, so a base that copies gives the tuning something to build on. No phase sees a
-held-out sentence, an error or the instruction.
+Copy rows that start their row teach copying by position instead, faster but useless where the
+task's input sits after the instruction: some seeds' tuning then never finds the copy
+(measured: README, the LLM job). Rewriting a misspelt sentence is mostly copying it, so a base
+that copies gives the tuning something to build on. No phase sees a held-out sentence, an error
+or the instruction.
 """
 
 from __future__ import annotations
@@ -133,25 +134,30 @@ def decoder_config(pre: Any, vocab_size: int) -> decoder_lib.DecoderConfig:
 def random_copy_rows(
   count: int, *, token_ids: np.ndarray, separator: list[int], eos: int, seed: int
 ) -> list[llm_data.Example]:
-  """``count`` copy rows of random tokens: ``x``, ``separator``, ``x`` again, EOS; loss everywhere.
+  """``count`` copy rows of random tokens: a prefix, ``x``, ``separator``, ``x`` again, EOS.
 
   Each ``x`` has ``COPY_LENGTHS`` tokens drawn uniformly from ``token_ids``, so nothing but its
-  first occurrence predicts its second: the rows reward copying and nothing else.
+  first occurrence predicts its second: the rows reward copying and nothing else. The prefix,
+  up to ``COPY_LENGTHS[1] - 1`` random tokens, moves ``x`` away from the row's start, so
+  copying by position does not work and the model has to copy by content (induction heads:
+  attend to what followed the previous occurrence of the current token). Loss everywhere.
 
   Example:
     >>> rows = random_copy_rows(2, token_ids=np.arange(4, 9), separator=[1], eos=0, seed=0)
     >>> r = rows[0].input_ids
-    >>> n = (len(r) - 2) // 2
-    >>> bool((r[:n] == r[n + 1 : 2 * n + 1]).all()), int(r[n]), int(r[-1])
-    (True, 1, 0)
+    >>> at = int(np.flatnonzero(r == 1)[0])  # the separator
+    >>> n = len(r) - at - 2  # the copy, before EOS
+    >>> bool((r[at - n : at] == r[at + 1 : at + 1 + n]).all()), int(r[-1]), 6 <= n < 30
+    (True, 0, True)
     >>> bool(rows[0].loss_mask.all()), len(rows[1].input_ids) != len(r)
     (True, True)
   """
   rng = np.random.default_rng([seed, 3])
   rows = []
   for i in range(count):
+    prefix = rng.choice(token_ids, size=int(rng.integers(COPY_LENGTHS[1]))).tolist()
     x = rng.choice(token_ids, size=int(rng.integers(*COPY_LENGTHS))).tolist()
-    ids = np.asarray(x + separator + x + [eos], np.int32)
+    ids = np.asarray(prefix + x + separator + x + [eos], np.int32)
     rows.append(llm_data.Example(ids, np.ones_like(ids), 0, "", i + 1))
   return rows
 
@@ -202,8 +208,9 @@ def pretrain(config: Any, corpus: text_corpus.OfflineCorpus, path: str) -> None:
   )
   phases = []  # (batches, steps)
   if pre.copy_steps:
-    mean_len = sum(COPY_LENGTHS) + len(separator) + 1  # of a row: twice the mean x, sep, EOS
-    count = pre.copy_steps * pre.batch_size * pre.seq_len // mean_len * 11 // 10 + pre.batch_size
+    # The mean row: prefix, twice x, separator, EOS; 10% more rows than the steps fill.
+    mean_len = (COPY_LENGTHS[1] - 1) / 2 + sum(COPY_LENGTHS) - 1 + len(separator) + 1
+    count = int(pre.copy_steps * pre.batch_size * pre.seq_len / mean_len * 1.1) + pre.batch_size
     phases.append((plan(random_rows(count, config.seed), 1), pre.copy_steps))
   text_steps = pre.steps - pre.copy_steps
   phases.append((plan(text, math.ceil(text_steps / len(plan(text, 1).dataset))), text_steps))

@@ -220,10 +220,11 @@ def build_offline_corpus(
     rate: the per-letter probability of a spelling error.
     vocab_size: the tokenizer's vocabulary, 260 (bytes) or more.
     max_chars: the longest held-out sentence.
-    copies: the share of pre-training sentences also written as a copy row, the sentence, a
-      newline and the same sentence again (``COPY_SEPARATOR``): language modelling that rewards
-      looking back and copying, a generic skill a prompted task builds on. These
-      rows follow the plain ones; none is a held-out sentence.
+    copies: the share of pre-training sentences also written as a copy row: another
+      sentence, a space, the sentence, a newline (``COPY_SEPARATOR``) and the same sentence
+      again. Language modelling that rewards looking back and copying (the copied sentence
+      never starts its row, so copying by position alone fails), a generic skill a prompted
+      task builds on. These rows follow the plain ones; none holds a held-out sentence.
 
   Returns:
     The paths written.
@@ -249,7 +250,10 @@ def build_offline_corpus(
   repeat = np.random.default_rng([seed, 2]).permutation(len(pretrain))[
     : round(copies * len(pretrain))
   ]
-  rows = pretrain + [pretrain[i] + COPY_SEPARATOR + pretrain[i] for i in sorted(repeat)]
+  before = np.random.default_rng([seed, 3]).permutation(len(pretrain))
+  rows = pretrain + [
+    pretrain[before[i]] + " " + pretrain[i] + COPY_SEPARATOR + pretrain[i] for i in sorted(repeat)
+  ]
   _write_jsonl(paths["pretrain"], [{"text": s} for s in rows])
   rng = np.random.default_rng([seed, 1])
   pairs = [
