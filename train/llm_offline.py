@@ -139,8 +139,9 @@ def random_copy_rows(
   Each ``x`` has ``COPY_LENGTHS`` tokens drawn uniformly from ``token_ids``, so nothing but its
   first occurrence predicts its second: the rows reward copying and nothing else. The prefix,
   up to ``COPY_LENGTHS[1] - 1`` random tokens, moves ``x`` away from the row's start, so
-  copying by position does not work and the model has to copy by content (induction heads:
-  attend to what followed the previous occurrence of the current token). Loss everywhere.
+  copying by position alone does not work: the model has to find ``x`` by what it holds (as
+  induction heads do: attend to what followed the previous occurrence of the current token).
+  Loss everywhere.
 
   Example:
     >>> rows = random_copy_rows(2, token_ids=np.arange(4, 9), separator=[1], eos=0, seed=0)
