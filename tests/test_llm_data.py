@@ -483,7 +483,7 @@ def test_offline_corpus_is_real_deterministic_and_held_out(tmp_path):
   assert corpus.num_pretrain == len(pretrain) > 2500 and len(train) == 200 and len(evaluation) == 50
   assert corpus.num_copies == 0
   # Copy rows: a quarter of the sentences again, at the end, each after another sentence:
-  # "other sentence, newline, sentence".
+  # "another sentence, the sentence, newline, the sentence".
   doubled = text_corpus.build_offline_corpus(
     str(tmp_path / "c"), seed=0, n_train=200, n_eval=50, copies=0.25
   )

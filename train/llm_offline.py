@@ -199,20 +199,20 @@ def pretrain(config: Any, corpus: text_corpus.OfflineCorpus, path: str) -> None:
     train=True,
     epochs=epochs,
   )
-  special = set(tokenizer.all_special_ids)
-  random_rows = lambda count, seed: random_copy_rows(
-    count,
-    token_ids=np.array([i for i in range(len(tokenizer)) if i not in special]),
-    separator=separator,
-    eos=tokenizer.eos_token_id,
-    seed=seed,
-  )
   phases = []  # (batches, steps)
   if pre.copy_steps:
     # The mean row: prefix, twice x, separator, EOS; 10% more rows than the steps fill.
     mean_len = (COPY_LENGTHS[1] - 1) / 2 + sum(COPY_LENGTHS) - 1 + len(separator) + 1
     count = int(pre.copy_steps * pre.batch_size * pre.seq_len / mean_len * 1.1) + pre.batch_size
-    phases.append((plan(random_rows(count, config.seed), 1), pre.copy_steps))
+    special = set(tokenizer.all_special_ids)
+    rows = random_copy_rows(
+      count,
+      token_ids=np.array([i for i in range(len(tokenizer)) if i not in special]),
+      separator=separator,
+      eos=tokenizer.eos_token_id,
+      seed=config.seed,
+    )
+    phases.append((plan(rows, 1), pre.copy_steps))
   text_steps = pre.steps - pre.copy_steps
   phases.append((plan(text, math.ceil(text_steps / len(plan(text, 1).dataset))), text_steps))
   model = decoder_lib.Decoder(decoder_config(pre, len(tokenizer)))
@@ -237,7 +237,7 @@ def pretrain(config: Any, corpus: text_corpus.OfflineCorpus, path: str) -> None:
   print(
     f"pre-training the offline base ({n:,} params, {pre.num_layers} layers of {pre.hidden_size}):"
     f" {pre.copy_steps} steps on random copy rows, then {text_steps} on {corpus.num_pretrain:,}"
-    f" rows of documentation text ({corpus.num_copies:,} of them sentences written twice)"
+    f" rows of documentation text ({corpus.num_copies:,} of them copy rows)"
   )
   losses, t0 = [], time.perf_counter()
   with metrics_lib.progress(pre.steps, 0, enabled=True) as bar:
