@@ -74,7 +74,7 @@ _NO_EXAMPLE = {
 
 
 def test_every_public_function_has_a_doctested_example():
-  # The doctests run with pytest --doctest-modules (testpaths include lorax_fn).
+  # The doctests run with pytest --doctest-modules (testpaths include lorax_fn and train).
   for name in sorted(set(lorax_fn.__all__) - _NO_EXAMPLE):
     doc = getattr(lorax_fn, name).__doc__
     assert "\n  Example:\n" in doc and ">>> " in doc, name
