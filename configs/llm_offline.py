@@ -1,6 +1,6 @@
 """The offline default: a decoder pre-trained here on Python's documentation, then QLoRA-tuned.
 
-No hub, no download: a small Qwen2-shaped decoder is pre-trained for about two minutes on the
+No hub, no download: a small Qwen2-shaped decoder is pre-trained for about five minutes on the
 prose sentences of Python's own documentation (``train/text_corpus.py``, with a local BPE
 tokenizer), written as a Hugging Face checkpoint (``workdir/base_hf``, reused by later runs),
 quantised to NF4 and tuned with LoRA to correct spelling errors injected into held-out
@@ -38,8 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_kv_heads=1,
       seq_len=128,
       vocab_size=512,
-      steps=1600,
-      copy_steps=1000,  # first, on random copy rows: the base learns to copy (llm_offline.py)
+      steps=1400,
+      copy_steps=600,  # first, on random copy rows: the base learns to copy (llm_offline.py)
       copy_share=0.5,  # then text, this share of the sentences also copied after another one
       batch_size=32,
       lr=5e-3,

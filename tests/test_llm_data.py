@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
@@ -482,19 +483,22 @@ def test_offline_corpus_is_real_deterministic_and_held_out(tmp_path):
   train, evaluation = read(corpus.train), read(corpus.eval)
   assert corpus.num_pretrain == len(pretrain) > 2500 and len(train) == 200 and len(evaluation) == 50
   assert corpus.num_copies == 0
-  # Copy rows: a quarter of the sentences again, at the end, each after another sentence:
-  # "another sentence, the sentence, newline, the sentence".
+  # Copy rows: a quarter of the sentences again, at the end: the sentence among one or two
+  # others (a space or a newline after each), a newline, the sentence again.
   doubled = text_corpus.build_offline_corpus(
     str(tmp_path / "c"), seed=0, n_train=200, n_eval=50, copies=0.25
   )
   rows = [r["text"] for r in read(doubled.pretrain)]
   assert rows[: len(pretrain)] == pretrain and doubled.num_pretrain == len(rows)
   assert doubled.num_copies == len(rows) - len(pretrain) == round(0.25 * len(pretrain))
-  halves = [row.split("\n") for row in rows[len(pretrain) :]]
-  sentences = set(pretrain)
-  for first, copy in halves:
-    assert copy in sentences and first.endswith(" " + copy)
-    assert first[: -len(copy) - 1] in sentences  # what comes before: another whole sentence
+  sentences, places = set(pretrain), set()
+  for row in rows[len(pretrain) :]:
+    context, copy = row.rsplit("\n", 1)
+    pieces = re.split(r"(?<=\.)[ \n](?=[A-Z])", context)  # sentences end with a period
+    assert copy in sentences and copy in pieces and 2 <= len(pieces) <= 3
+    assert set(pieces) <= sentences
+    places.add((pieces.index(copy), len(pieces)))
+  assert places == {(0, 2), (1, 2), (0, 3), (1, 3), (2, 3)}  # the copied sentence: anywhere
   words = " ".join(pretrain).lower().split()
   assert len(set(words)) > 3000 and {"the", "function", "returns", "object"} <= set(words)
   held_out = {r["output"] for r in train + evaluation}

@@ -170,6 +170,10 @@ def test_copy_losses_score_the_first_half_and_the_copy_apart():
   first, copied = llm_offline.copy_losses(_CopyOracle, offsets, sentences, separator)
   np.testing.assert_allclose(first, np.log(8), rtol=1e-6)  # nothing to copy yet: uniform
   assert copied < 1e-6  # padding (token 0, never predicted) would count ~40 nats
+  before = [[2, 3], [4]]  # tokens ahead of each row, in neither half: the halves move along
+  first, copied = llm_offline.copy_losses(_CopyOracle, offsets, sentences, separator, before=before)
+  np.testing.assert_allclose(first, np.log(8), rtol=1e-6)
+  assert copied < 1e-6
 
 
 @pytest.mark.parametrize(

@@ -220,11 +220,13 @@ def build_offline_corpus(
     rate: the per-letter probability of a spelling error.
     vocab_size: the tokenizer's vocabulary, 260 (bytes) or more.
     max_chars: the longest held-out sentence.
-    copies: the share of pre-training sentences also written as a copy row: another
-      sentence, a space, the sentence, a newline (``COPY_SEPARATOR``) and the same sentence
-      again. Language modelling that rewards looking back and copying (the copied sentence
-      never starts its row, so copying by position alone fails), a generic skill a prompted
-      task builds on. These rows follow the plain ones; none holds a held-out sentence.
+    copies: the share of pre-training sentences also written as a copy row: the sentence
+      among one or two others (in random order, each followed by a space or a newline), then a
+      newline (``COPY_SEPARATOR``) and the sentence again. Language modelling that rewards
+      looking back and copying, a generic skill a prompted task builds on. Where the copied
+      sentence sits varies, so only copying by content works, not copying from a fixed place
+      (the row's start, the last sentence, the text after a newline). These rows follow the
+      plain ones; none holds a held-out sentence.
 
   Returns:
     The paths written.
@@ -250,10 +252,8 @@ def build_offline_corpus(
   repeat = np.random.default_rng([seed, 2]).permutation(len(pretrain))[
     : round(copies * len(pretrain))
   ]
-  before = np.random.default_rng([seed, 3]).permutation(len(pretrain))
-  rows = pretrain + [
-    pretrain[before[i]] + " " + pretrain[i] + COPY_SEPARATOR + pretrain[i] for i in sorted(repeat)
-  ]
+  rng = np.random.default_rng([seed, 3])
+  rows = pretrain + [_copy_row(pretrain, i, rng) for i in sorted(repeat)]
   _write_jsonl(paths["pretrain"], [{"text": s} for s in rows])
   rng = np.random.default_rng([seed, 1])
   pairs = [
@@ -267,6 +267,16 @@ def build_offline_corpus(
   return OfflineCorpus(
     **paths, tokenizer=tokenizer, num_pretrain=len(rows), num_copies=len(rows) - len(pretrain)
   )
+
+
+def _copy_row(sentences: Sequence[str], i: int, rng: np.random.Generator) -> str:
+  """Sentence ``i`` among one or two others (random order, a space or a newline after each),
+  then ``COPY_SEPARATOR`` and sentence ``i`` again."""
+  others = [sentences[j] for j in rng.choice(len(sentences), size=int(rng.integers(1, 3)))]
+  pieces = others[:]
+  pieces.insert(int(rng.integers(len(pieces) + 1)), sentences[i])
+  context = "".join(p + rng.choice([" ", "\n"]) for p in pieces[:-1]) + pieces[-1]
+  return context + COPY_SEPARATOR + sentences[i]
 
 
 def _write_jsonl(path: str, records: Sequence[dict[str, str]]) -> None:
