@@ -21,9 +21,8 @@ Pre-training is next-token prediction, every weight trained, in two phases:
 Copy rows whose copy sits at a fixed place (the row's start, or just before the newline) teach
 copying from that place instead, which fails where the task's input sits between the
 instruction's lines: some seeds' tuning then never finds the copy (measured: README, the LLM
-job). Rewriting a misspelt sentence is mostly copying it, so a base
-that copies gives the tuning something to build on. No phase sees a held-out sentence, an error
-or the instruction.
+job). Rewriting a misspelt sentence is mostly copying it, so a base that copies gives the
+tuning something to build on. No phase sees a held-out sentence, an error or the instruction.
 """
 
 from __future__ import annotations

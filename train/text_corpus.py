@@ -270,8 +270,11 @@ def build_offline_corpus(
 
 
 def _copy_row(sentences: Sequence[str], i: int, rng: np.random.Generator) -> str:
-  """Sentence ``i`` among one or two others (random order, a space or a newline after each),
-  then ``COPY_SEPARATOR`` and sentence ``i`` again."""
+  """The copy row of sentence ``i``: the sentence and one or two others in random order.
+
+  A space or a newline follows each but the last, then ``COPY_SEPARATOR`` and sentence ``i``
+  again.
+  """
   others = [sentences[j] for j in rng.choice(len(sentences), size=int(rng.integers(1, 3)))]
   pieces = others[:]
   pieces.insert(int(rng.integers(len(pieces) + 1)), sentences[i])
