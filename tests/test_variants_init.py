@@ -328,20 +328,27 @@ def test_export_with_residual_base_is_relative_to_the_residual_base(tmp_path):
   np.testing.assert_allclose(_theirs(pm), np.asarray(ours(params, X)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_load_peft_rederives_the_residual_of_an_unconverted_adapter(tmp_path, init):
-  pm = _peft_model(init)
+def _trained_saved_and_loaded(tmp_path, pm, moved: str):
+  """``pm``'s adapter weights named ``*moved*`` moved off their init, saved, read by load_peft.
+
+  Asserts that the loaded adapter on the original base computes what ``pm`` does.
+  """
   gen = torch.Generator().manual_seed(3)
   with torch.no_grad():
     for name, p in pm.named_parameters():
-      if "lora_" in name:
+      if moved in name:
         p.add_(0.2 * torch.randn(p.shape, generator=gen))
   pm.save_pretrained(str(tmp_path / "p"))
-  assert (
-    json.loads((tmp_path / "p" / "adapter_config.json").read_text())["init_lora_weights"] == init
-  )
   params = lora_fn.load_peft(tmp_path / "p", _params(_net()), modules=MODULES)
   np.testing.assert_allclose(np.asarray(ours(params, X)), _theirs(pm.eval()), rtol=1e-5, atol=1e-5)
+  return params
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_load_peft_rederives_the_residual_of_an_unconverted_adapter(tmp_path, init):
+  params = _trained_saved_and_loaded(tmp_path, _peft_model(init), "lora_")
+  saved = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+  assert saved["init_lora_weights"] == init
   assert params["fc1"]["kernel"].base_init == init  # so save_peft knows the base is a residual
 
 
@@ -349,15 +356,7 @@ def test_load_peft_rederives_the_residual_of_an_unconverted_adapter(tmp_path, in
 def test_inits_that_keep_the_base_load_as_plain_lora(tmp_path, init):
   # PEFT's orthogonal init has B·A = 0 and MiCA's A = 0: the base stays the original one.
   config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["fc1", "fc2"], init_lora_weights=init)
-  pm = peft.get_peft_model(_net(), config)
-  gen = torch.Generator().manual_seed(3)
-  with torch.no_grad():
-    for name, p in pm.named_parameters():
-      if "lora_A" in name:
-        p.add_(0.2 * torch.randn(p.shape, generator=gen))
-  pm.save_pretrained(str(tmp_path / "p"))
-  params = lora_fn.load_peft(tmp_path / "p", _params(_net()), modules=MODULES)
-  np.testing.assert_allclose(np.asarray(ours(params, X)), _theirs(pm.eval()), rtol=1e-5, atol=1e-5)
+  _trained_saved_and_loaded(tmp_path, peft.get_peft_model(_net(), config), "lora_A")
 
 
 def test_qpissa_quantises_the_residual():
