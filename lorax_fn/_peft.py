@@ -20,12 +20,10 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from lorax_fn import _adalora_peft, _init, _paths, _torch_layout, _validate
 from lorax_fn._leaves import is_lora
-from lorax_fn._partition import trainable_mask
 from lorax_fn._peft_sites import (
   _MAGNITUDE,
   CONFIG,
@@ -43,6 +41,7 @@ from lorax_fn._peft_sites import (
   _param_site,
   _raw_names,
   _Site,
+  _trained_leaves,
 )
 from lorax_fn._serving import serving_problems
 
@@ -247,23 +246,14 @@ def save_peft(
 
 def _save_sites(params: Any, modules: Modules, trainable: Any, bias: str, layouts: Any):
   """The LoRA sites, the trained-leaf sites and ``modules_to_save``; unmapped is an error."""
-  mask = trainable_mask(params, trainable=trainable, bias=bias)
-  chosen = trainable_mask(params, trainable=trainable, allow_empty=True)  # not the biases
-  is_mark = lambda x: isinstance(x, bool) or is_lora(x)
   paths = [p for p, _ in _flat(params)]  # (_flat refuses stacks)
   _check_keys(modules, paths)
   layouts = _paths.check_patterns("layouts", layouts, paths, paths)
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
-  lora_modules = {_paths.path_str(k).rpartition("/")[0] for k, x in flat if is_lora(x)}
+  leaves = _trained_leaves(params, trainable, bias)
+  lora_modules = {path.rpartition("/")[0] for path, x, _, _ in leaves if is_lora(x)}
   loras, extras, to_save, unmapped = [], [], set(), []
-  for (keys, leaf), mark, pick in zip(
-    flat,
-    jax.tree.leaves(mask, is_leaf=is_mark),
-    jax.tree.leaves(chosen, is_leaf=is_mark),
-    strict=True,
-  ):
-    path = _paths.path_str(keys)
-    if not is_lora(leaf) and not mark:
+  for path, leaf, trained, pick in leaves:
+    if not trained:
       continue
     module = path.rpartition("/")[0]
     raw = _raw_names(modules, module)

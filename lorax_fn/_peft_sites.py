@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from lorax_fn import _paths, _torch_layout
-from lorax_fn._leaves import is_adapter, is_stack
+from lorax_fn._leaves import is_adapter, is_lora, is_stack
+from lorax_fn._partition import trainable_mask
 from lorax_fn._quant import is_quant
 
 Modules = Mapping[str, "str | Sequence[str]"] | Callable[[str], "str | Sequence[str] | None"]
@@ -137,6 +138,27 @@ def _flat(params: Any) -> list[tuple[str, Any]]:
       "unstack_adapter(params, slot) first"
     )
   return [(_paths.path_str(p), x) for p, x in flat[0]]
+
+
+def _trained_leaves(params: Any, trainable: Any, bias: str) -> list[tuple[str, Any, bool, bool]]:
+  """``(path, leaf, trained, chosen)`` for each leaf of ``params``, LoRA leaves whole.
+
+  ``trained``: a LoRA leaf, or a leaf that ``trainable`` or ``bias`` trains; ``chosen``: a leaf
+  other than a LoRA leaf that ``trainable`` itself selects (a whole module, not a bias).
+  """
+  is_mark = lambda x: isinstance(x, bool) or is_lora(x)
+  mask = trainable_mask(params, trainable=trainable, bias=bias)
+  chosen = trainable_mask(params, trainable=trainable, allow_empty=True)  # not bias=
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
+  return [
+    (_paths.path_str(keys), leaf, is_lora(leaf) or bool(mark), not is_lora(leaf) and bool(pick))
+    for (keys, leaf), mark, pick in zip(
+      flat,
+      jax.tree.leaves(mask, is_leaf=is_mark),
+      jax.tree.leaves(chosen, is_leaf=is_mark),
+      strict=True,
+    )
+  ]
 
 
 def _check_modules(modules: Any) -> None:

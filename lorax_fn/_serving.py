@@ -6,12 +6,9 @@ import collections
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-
 from lorax_fn import _paths, _torch_layout
 from lorax_fn._leaves import is_lora
-from lorax_fn._partition import trainable_mask
-from lorax_fn._peft_sites import _flat
+from lorax_fn._peft_sites import _flat, _trained_leaves
 
 # vLLM's choices for --max-lora-rank.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -52,23 +49,13 @@ def serving_problems(
   if max_lora_rank not in VLLM_RANKS:
     raise ValueError(f"max_lora_rank must be one of vLLM's {VLLM_RANKS}; got: {max_lora_rank!r}")
   _flat(params)  # refuses stacks
-  is_mark = lambda x: isinstance(x, bool) or is_lora(x)
-  mask = trainable_mask(params, trainable=trainable, bias=bias)
-  modules = trainable_mask(params, trainable=trainable, allow_empty=True)  # not bias=
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lora)[0]
   loras, biases, whole = {}, [], []
-  for (keys, leaf), mark, module in zip(
-    flat,
-    jax.tree.leaves(mask, is_leaf=is_mark),
-    jax.tree.leaves(modules, is_leaf=is_mark),
-    strict=True,
-  ):
-    path = _paths.path_str(keys)
+  for path, leaf, trained, chosen in _trained_leaves(params, trainable, bias):
     if is_lora(leaf):
       loras[path] = leaf
-    elif module:
+    elif chosen:
       whole.append(path)
-    elif mark:
+    elif trained:
       biases.append(path)
   problems = []
   if biases:
