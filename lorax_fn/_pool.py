@@ -39,7 +39,7 @@ def _empty(leaf: Any, slots: int, rank: int) -> Any:
 
 def _restore(source: str | os.PathLike, template: Any) -> Any:
   """A :func:`save_adapter` checkpoint with its own ranks and alphas, over ``template``'s base."""
-  from lorax_fn._checkpoint import read_adapter_config, restore_adapter
+  from lorax_fn._restore import read_adapter_config, restore_adapter
 
   record = read_adapter_config(source)
   saved = record.get("lora", {})

@@ -257,7 +257,8 @@ def test_ranks_fall_on_the_cubic_schedule_and_stacked_layers_are_matrices():
 
 
 def test_optimizer_split_and_checkpoint_records_carry_e():
-  from lorax_fn._checkpoint import adapter_state, load_adapter_state
+  from lorax_fn._checkpoint import adapter_state
+  from lorax_fn._restore import load_adapter_state
 
   _, params = _twins()
   tx = lora_fn.adalora(lora_fn.optimizer(optax.sgd(1e-2), params), **SCHEDULE)

@@ -270,9 +270,9 @@ def test_key_at_build_time_is_deprecated_but_still_applies_dropout():
 
 
 def test_trace_cache_is_least_recently_used_and_reads_closures_like_jit(monkeypatch):
-  import lorax_fn._interpret as interpret
+  import lorax_fn._transform as transform
 
-  monkeypatch.setattr(interpret, "_CACHE_SIZE", 6)  # the rule, on a cache small to fill
+  monkeypatch.setattr(transform, "_CACHE_SIZE", 6)  # the rule, on a cache small to fill
   traces = []
   scale = {"value": 2.0}
 
