@@ -25,11 +25,8 @@ from lorax_fn._leaves import LoraLeaf, is_lora, is_stack
 from lorax_fn._per_example import run_per_example
 from lorax_fn._quant import is_quant
 from lorax_fn._quant_leaf import QuantLeaf
+from lorax_fn._stack import _is_node
 from lorax_fn._values import LoraVal
-
-
-def _is_node(x: Any) -> bool:
-  return is_lora(x) or is_quant(x) or is_stack(x)
 
 
 def _is_dynamic(x: Any) -> bool:
